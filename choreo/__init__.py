@@ -1,0 +1,63 @@
+"""choreo: event-driven choreography over RabbitMQ.
+
+Signed envelopes, idempotent agents, dead-letter queues and compensating events; see the
+README for a quickstart and ``docs/wire-format.md`` for the envelope.
+"""
+
+from .agent import Agent, AgentEnv, Context, Emitted
+from .config import Settings
+from .envelope import Envelope
+from .errors import (
+    ChoreoError,
+    ConfigError,
+    EventExpired,
+    HandlerSignal,
+    MalformedMessage,
+    MessageFault,
+    PublishNotConfirmed,
+    Reject,
+    Retry,
+    SchemaInvalid,
+    SignatureInvalid,
+    TopologyError,
+    TransportError,
+    UnknownEventType,
+)
+from .events import Event
+from .publisher import Publisher
+from .runtime import AgentRuntime, AgentStats
+from .signing import Keyring
+from .topology import Naming
+from .worker import Worker
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Agent",
+    "AgentEnv",
+    "AgentRuntime",
+    "AgentStats",
+    "ChoreoError",
+    "ConfigError",
+    "Context",
+    "Emitted",
+    "Envelope",
+    "Event",
+    "EventExpired",
+    "HandlerSignal",
+    "Keyring",
+    "MalformedMessage",
+    "MessageFault",
+    "Naming",
+    "PublishNotConfirmed",
+    "Publisher",
+    "Reject",
+    "Retry",
+    "SchemaInvalid",
+    "Settings",
+    "SignatureInvalid",
+    "TopologyError",
+    "TransportError",
+    "UnknownEventType",
+    "Worker",
+]

@@ -1,0 +1,115 @@
+"""Agents: a name, handlers per event class, and optional per-run state.
+
+    agent = choreo.Agent("inventory", state=InventoryDB.open)
+
+    @agent.on(OrderPlaced)
+    async def reserve(event: OrderPlaced, ctx: choreo.Context[InventoryDB]) -> InventoryReserved:
+        ...
+
+A handler **returns** the events it emits (one, a sequence, or None), so it can be called in a
+plain unit test; the runtime gives them ids, causation and trace, and publishes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from .envelope import Envelope
+from .errors import ConfigError
+from .events import Event, EventRegistry
+
+__all__ = ["Agent", "AgentEnv", "Context", "Emitted", "HandlerSpec"]
+
+S = TypeVar("S")
+Emitted = Event | Sequence[Event] | None
+HandlerFn = Callable[[Any, "Context[Any]"], Awaitable[Emitted]]
+H = TypeVar("H", bound=HandlerFn)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentEnv:
+    """What a state factory gets at start: the agent's name and a directory it may write."""
+
+    agent: str
+    state_dir: Path
+
+
+@dataclass(slots=True)
+class Context(Generic[S]):
+    """Per-message context handed to handlers."""
+
+    agent: str
+    envelope: Envelope
+    state: S
+    attempt: int = 1
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def event_id(self) -> str:
+        return self.envelope.id
+
+    @property
+    def trace_id(self) -> str:
+        return self.envelope.trace_id
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerSpec:
+    event_cls: type[Event]
+    fn: HandlerFn
+
+    @property
+    def name(self) -> str:
+        return getattr(self.fn, "__qualname__", repr(self.fn))
+
+
+class Agent(Generic[S]):
+    """A named set of handlers. Its queue is named after it; it binds the types it handles.
+
+    ``state`` builds the agent's state object once per run (for example a SQLite database in
+    ``env.state_dir``); if the object has a ``close()`` method it is called at shutdown.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        state: Callable[[AgentEnv], S] | None = None,
+        version: str = "0",
+    ) -> None:
+        if not name or any(c in name for c in " #*") or name.endswith(".dlq"):
+            raise ConfigError(f"agent name {name!r} must be a plain queue name")
+        self.name = name
+        self.version = version
+        self.state_factory = state
+        self._handlers: dict[str, HandlerSpec] = {}
+        self._events = EventRegistry()
+
+    def on(self, *event_classes: type[Event]) -> Callable[[H], H]:
+        """Register the decorated coroutine as the handler of each of ``event_classes``."""
+        if not event_classes:
+            raise ConfigError("agent.on() needs at least one event class")
+
+        def register(fn: H) -> H:
+            for cls in event_classes:
+                name = cls.event_type()
+                if name in self._handlers:
+                    raise ConfigError(f"agent {self.name!r} already handles {name!r} with {self._handlers[name].name}")
+                self._events.add(cls)
+                self._handlers[name] = HandlerSpec(cls, fn)
+            return fn
+
+        return register
+
+    @property
+    def handled_types(self) -> list[str]:
+        return sorted(self._handlers)
+
+    def handler_for(self, event_type: str) -> HandlerSpec | None:
+        return self._handlers.get(event_type)
+
+    def __repr__(self) -> str:
+        return f"Agent({self.name!r}, handles={self.handled_types})"

@@ -1,0 +1,76 @@
+"""Settings from ``CHOREO_*`` environment variables; explicit arguments override them.
+
+| variable | default | meaning |
+|---|---|---|
+| CHOREO_AMQP_URL | amqp://guest:guest@localhost:5672/ | broker |
+| CHOREO_EXCHANGE | choreo.events | events topic exchange |
+| CHOREO_QUEUE_PREFIX | (empty) | prefix for agent queue names |
+| CHOREO_STATE_DIR | .choreo | where SQLite state and dedup files live |
+| CHOREO_PREFETCH | 64 | unacked deliveries per agent |
+| CHOREO_DELIVERY_LIMIT | 10 | quorum queue x-delivery-limit |
+| CHOREO_MAX_BODY_BYTES | 1048576 | larger bodies are dead-lettered as malformed |
+| CHOREO_CLOCK_SKEW_MS | 5000 | tolerance added to ttl_ms before an event counts as expired |
+| CHOREO_SHUTDOWN_GRACE_S | 30 | how long shutdown waits for in-flight handlers |
+| CHOREO_SIGNING_KEYS etc. | | see :meth:`choreo.signing.Keyring.from_env` |
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .signing import Keyring
+from .topology import DEFAULT_DELIVERY_LIMIT, DEFAULT_EXCHANGE, Naming
+
+__all__ = ["DEFAULT_AMQP_URL", "Settings"]
+
+DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    amqp_url: str = DEFAULT_AMQP_URL
+    naming: Naming = field(default_factory=Naming)
+    state_dir: Path = Path(".choreo")
+    prefetch: int = 64
+    delivery_limit: int = DEFAULT_DELIVERY_LIMIT
+    max_body_bytes: int = 1 << 20
+    clock_skew_ms: int = 5000
+    shutdown_grace_s: float = 30.0
+    keyring: Keyring = field(default_factory=Keyring)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        env = os.environ if environ is None else environ
+        settings = cls(
+            amqp_url=env.get("CHOREO_AMQP_URL") or DEFAULT_AMQP_URL,
+            naming=Naming(
+                exchange=env.get("CHOREO_EXCHANGE") or DEFAULT_EXCHANGE,
+                queue_prefix=env.get("CHOREO_QUEUE_PREFIX", ""),
+            ),
+            state_dir=Path(env.get("CHOREO_STATE_DIR") or ".choreo"),
+            prefetch=_int(env, "CHOREO_PREFETCH", 64, minimum=1),
+            delivery_limit=_int(env, "CHOREO_DELIVERY_LIMIT", DEFAULT_DELIVERY_LIMIT, minimum=1),
+            max_body_bytes=_int(env, "CHOREO_MAX_BODY_BYTES", 1 << 20, minimum=1),
+            clock_skew_ms=_int(env, "CHOREO_CLOCK_SKEW_MS", 5000),
+            shutdown_grace_s=float(_int(env, "CHOREO_SHUTDOWN_GRACE_S", 30)),
+            keyring=Keyring.from_env(env),
+        )
+        return replace(settings, **{k: v for k, v in overrides.items() if v is not None})

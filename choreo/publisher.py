@@ -1,0 +1,144 @@
+"""Publishing: from envelope to signed AMQP message, and the Publisher for existing services.
+
+async with choreo.Publisher(source="shop") as p:
+    await p.publish(OrderPlaced(order_id="o-1", ...))   # returns once the broker confirmed
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Self
+
+from .config import Settings
+from .envelope import Envelope
+from .events import Event
+from .ids import new_trace_id, uuid7
+from .signing import Keyring
+from .transport.base import HeaderValue, OutgoingMessage, Transport
+
+__all__ = ["Publisher", "new_envelope", "to_message"]
+
+
+def traceparent(trace_id: str) -> str:
+    """W3C traceparent for a fresh span in ``trace_id``."""
+    return f"00-{trace_id}-{os.urandom(8).hex()}-01"
+
+
+def to_message(envelope: Envelope, keyring: Keyring, exchange: str) -> OutgoingMessage:
+    """The signed, persistent message for ``envelope``, routed by its type.
+
+    The AMQP ``expiration`` mirrors ``ttl_ms`` so the broker drops (dead-letters) stale
+    events that nobody consumed in time.
+    """
+    body = envelope.encode()
+    headers: dict[str, HeaderValue] = dict(keyring.sign(body))
+    headers["traceparent"] = traceparent(envelope.trace_id)
+    return OutgoingMessage(
+        exchange=exchange,
+        routing_key=envelope.type,
+        body=body,
+        headers=headers,
+        message_id=envelope.id,
+        correlation_id=envelope.effective_correlation_id,
+        type=envelope.type,
+        expiration_ms=envelope.ttl_ms,
+    )
+
+
+def new_envelope(
+    event_type: str,
+    payload: dict[str, Any],
+    *,
+    source: str,
+    id: str | None = None,
+    trace_id: str | None = None,
+    causation_id: str | None = None,
+    correlation_id: str | None = None,
+    dedup_key: str | None = None,
+    ttl_ms: int | None = None,
+    issued_at: datetime | None = None,
+) -> Envelope:
+    """A validated root (or explicitly caused) envelope with fresh id and trace id by default."""
+    return Envelope(
+        id=id or uuid7(),
+        type=event_type,
+        source=source,
+        issued_at=issued_at or datetime.now(UTC),
+        trace_id=trace_id or new_trace_id(),
+        causation_id=causation_id,
+        correlation_id=correlation_id,
+        dedup_key=dedup_key,
+        ttl_ms=ttl_ms,
+        payload=payload,
+    )
+
+
+class Publisher:
+    """Signs and publishes events; :meth:`publish` returns once the broker confirmed.
+
+    Give it a ``transport`` to share a connection (it is then not closed on exit), or let it
+    open a RabbitMQ connection to ``url`` / ``CHOREO_AMQP_URL``.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        source: str = "choreo",
+        keyring: Keyring | None = None,
+        exchange: str | None = None,
+        transport: Transport | None = None,
+        settings: Settings | None = None,
+    ) -> None:
+        self.settings = settings or Settings.from_env()
+        self.source = source
+        self.keyring = keyring or self.settings.keyring
+        self.exchange = exchange or self.settings.naming.exchange
+        self._owns_transport = transport is None
+        if transport is None:
+            from .transport.rabbitmq import RabbitMQTransport
+
+            transport = RabbitMQTransport(url or self.settings.amqp_url, connection_name=f"choreo-publisher:{source}")
+        self.transport = transport
+
+    async def __aenter__(self) -> Self:
+        if self._owns_transport:
+            await self.transport.connect()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._owns_transport:
+            await self.transport.close()
+
+    async def publish(
+        self,
+        event: Event,
+        *,
+        id: str | None = None,
+        trace_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        dedup_key: str | None = None,
+        ttl_ms: int | None = None,
+    ) -> Envelope:
+        """Publish a typed event; returns the envelope that was sent (its ``id`` included)."""
+        envelope = new_envelope(
+            event.event_type(),
+            event.model_dump(mode="json"),
+            source=self.source,
+            id=id,
+            trace_id=trace_id,
+            causation_id=causation_id,
+            correlation_id=correlation_id,
+            dedup_key=dedup_key,
+            ttl_ms=ttl_ms if ttl_ms is not None else type(event).__event_ttl_ms__,
+        )
+        await self.publish_envelope(envelope)
+        return envelope
+
+    async def publish_envelope(self, envelope: Envelope) -> None:
+        await self.transport.publish(to_message(envelope, self.keyring, self.exchange))

@@ -1,0 +1,292 @@
+"""RabbitMQ transport on aio-pika. The only module that imports aio-pika.
+
+- One robust connection; aio-pika re-opens channels and re-establishes consumers after a
+  reconnect or a broker-side consumer cancel.
+- Publishing goes through one channel with publisher confirms; ``publish`` returns only
+  after the broker's ack. Mandatory publishes (queue moves) raise when unroutable.
+- Each subscription has its own channel, so its prefetch and failures are its own.
+- Declarations run on a throwaway channel: a ``PRECONDITION_FAILED`` closes only that
+  channel and becomes a :class:`~choreo.errors.TopologyError` naming the differing argument.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Mapping, Sequence
+from datetime import timedelta
+from typing import Any, cast
+
+import aio_pika
+import aio_pika.abc
+import aiormq.exceptions
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+
+from ..errors import PublishNotConfirmed, TopologyError, TransportError
+from ..topology import Topology
+from .base import Delivery, DeliveryHandler, OutgoingMessage, Subscription, Transport
+
+__all__ = ["RabbitMQTransport"]
+
+_INEQUIVALENT = re.compile(
+    r"inequivalent arg '(?P<arg>[^']+)' for (?P<kind>queue|exchange) '(?P<name>[^']+)'.*?"
+    r"received (?:the value '(?P<received>[^']*)'|none).*?but current is (?:the value '(?P<current>[^']*)'|none)"
+)
+
+
+def _topology_error(exc: BaseException, entity: str) -> TopologyError:
+    text = str(exc)
+    match = _INEQUIVALENT.search(text)
+    if match:
+        arg = match["arg"]
+        declared, existing = match["received"] or "none", match["current"] or "none"
+        return TopologyError(
+            f"{match['kind']} {match['name']!r} exists with a different {arg}: "
+            f"declared {declared}, existing {existing}. "
+            "Run `choreo topology show` to compare, then delete and re-create it or align the agent's settings.",
+            entity=match["name"],
+            differences={arg: (declared, existing)},
+        )
+    return TopologyError(f"cannot declare {entity!r}: {text}", entity=entity)
+
+
+class _RabbitDelivery:
+    __slots__ = ("_msg",)
+
+    def __init__(self, msg: aio_pika.abc.AbstractIncomingMessage) -> None:
+        self._msg = msg
+
+    @property
+    def body(self) -> bytes:
+        return self._msg.body
+
+    @property
+    def headers(self) -> Mapping[str, object]:
+        return self._msg.headers
+
+    @property
+    def routing_key(self) -> str:
+        return self._msg.routing_key or ""
+
+    @property
+    def exchange(self) -> str:
+        return self._msg.exchange or ""
+
+    @property
+    def message_id(self) -> str | None:
+        return self._msg.message_id
+
+    @property
+    def redelivered(self) -> bool:
+        return bool(self._msg.redelivered)
+
+    async def ack(self) -> None:
+        try:
+            await self._msg.ack()
+        except (*CONNECTION_EXCEPTIONS, aio_pika.exceptions.MessageProcessError, RuntimeError) as exc:
+            raise TransportError(f"ack failed (the broker will redeliver): {exc!r}") from exc
+
+    async def nack(self, *, requeue: bool) -> None:
+        try:
+            await self._msg.nack(requeue=requeue)
+        except (*CONNECTION_EXCEPTIONS, aio_pika.exceptions.MessageProcessError, RuntimeError) as exc:
+            raise TransportError(f"nack failed (the broker will redeliver): {exc!r}") from exc
+
+
+class _RabbitSubscription:
+    def __init__(
+        self, channel: aio_pika.abc.AbstractRobustChannel, queue: aio_pika.abc.AbstractRobustQueue, tag: str
+    ) -> None:
+        self._channel = channel
+        self._queue = queue
+        self._tag = tag
+        self._cancelled = False
+
+    @property
+    def queue(self) -> str:
+        return self._queue.name
+
+    @property
+    def attached(self) -> bool:
+        if self._cancelled or self._channel.is_closed:
+            return False
+        try:
+            underlay = cast(aiormq.Channel, cast(aio_pika.RobustChannel, self._channel).channel)
+        except (aio_pika.exceptions.ChannelInvalidStateError, RuntimeError):
+            return False
+        return not underlay.is_closed and self._tag in underlay.consumers
+
+    async def cancel(self) -> None:
+        if self._cancelled:
+            return
+        self._cancelled = True
+        try:
+            await self._queue.cancel(self._tag)
+        except (*CONNECTION_EXCEPTIONS, RuntimeError, KeyError):
+            pass  # the channel is gone; the broker already stopped delivering
+
+    async def close(self) -> None:
+        await self.cancel()
+        if not self._channel.is_closed:
+            try:
+                await self._channel.close()
+            except (*CONNECTION_EXCEPTIONS, RuntimeError):
+                pass
+
+
+class RabbitMQTransport(Transport):
+    def __init__(self, url: str, *, connection_name: str = "choreo", timeout: float = 10.0) -> None:
+        self.url = url
+        self.connection_name = connection_name
+        self.timeout = timeout
+        self._conn: aio_pika.abc.AbstractRobustConnection | None = None
+        self._pub: aio_pika.abc.AbstractRobustChannel | None = None
+        self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
+        self._subs: list[_RabbitSubscription] = []
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and not self._conn.is_closed and self._conn.connected.is_set()
+
+    @property
+    def connection(self) -> aio_pika.abc.AbstractRobustConnection:
+        if self._conn is None:
+            raise TransportError("not connected: use `async with transport` or await connect()")
+        return self._conn
+
+    async def connect(self) -> None:
+        try:
+            self._conn = await aio_pika.connect_robust(
+                self.url, timeout=self.timeout, client_properties={"connection_name": self.connection_name}
+            )
+        except (TimeoutError, *CONNECTION_EXCEPTIONS, OSError) as exc:
+            raise TransportError(f"cannot connect to RabbitMQ at {_redact(self.url)}: {exc!r}") from exc
+        self._pub = await self._conn.channel(publisher_confirms=True, on_return_raises=True)
+
+    async def close(self) -> None:
+        for sub in self._subs:
+            await sub.close()
+        self._subs.clear()
+        if self._conn is not None:
+            await self._conn.close()
+        self._conn = None
+        self._pub = None
+        self._exchanges.clear()
+
+    async def declare(self, topology: Topology) -> None:
+        channel = await self.connection.channel()
+        try:
+            try:
+                exchange = await channel.declare_exchange(topology.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+            except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                raise _topology_error(exc, topology.exchange) from exc
+            for spec in topology.queues:
+                try:
+                    queue = await channel.declare_queue(spec.name, durable=True, arguments=dict(spec.arguments))
+                except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                    raise _topology_error(exc, spec.name) from exc
+                for key in spec.bindings:
+                    await queue.bind(exchange, key)
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
+    async def _exchange(self, name: str) -> aio_pika.abc.AbstractExchange:
+        assert self._pub is not None
+        if name == "":
+            return self._pub.default_exchange
+        exchange = self._exchanges.get(name)
+        if exchange is None:
+            exchange = await self._pub.get_exchange(name, ensure=False)
+            self._exchanges[name] = exchange
+        return exchange
+
+    async def publish(self, message: OutgoingMessage) -> None:
+        if self._pub is None:
+            raise PublishNotConfirmed("not connected")
+        amqp_message = aio_pika.Message(
+            message.body,
+            headers=cast(Any, message.headers),
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=message.message_id,
+            correlation_id=message.correlation_id,
+            type=message.type,
+            expiration=timedelta(milliseconds=message.expiration_ms) if message.expiration_ms is not None else None,
+        )
+        try:
+            exchange = await self._exchange(message.exchange)
+            await exchange.publish(amqp_message, message.routing_key, mandatory=message.mandatory, timeout=self.timeout)
+        except aio_pika.exceptions.DeliveryError as exc:
+            raise PublishNotConfirmed(f"broker refused {message.routing_key!r}: {exc!r}") from exc
+        except aio_pika.exceptions.PublishError as exc:
+            raise PublishNotConfirmed(
+                f"unroutable: exchange {message.exchange!r}, routing key {message.routing_key!r}"
+            ) from exc
+        except (TimeoutError, *CONNECTION_EXCEPTIONS, RuntimeError) as exc:
+            raise PublishNotConfirmed(f"publish of {message.routing_key!r} not confirmed: {exc!r}") from exc
+
+    async def publish_many(self, messages: Sequence[OutgoingMessage]) -> None:
+        if len(messages) == 1:
+            await self.publish(messages[0])
+            return
+        results = await asyncio.gather(*(self.publish(m) for m in messages), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def subscribe(self, queue: str, handler: DeliveryHandler, *, prefetch: int) -> Subscription:
+        channel = await self.connection.channel()
+        await channel.set_qos(prefetch_count=prefetch)
+        try:
+            amqp_queue = cast(aio_pika.abc.AbstractRobustQueue, await channel.get_queue(queue, ensure=True))
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            raise TransportError(f"queue {queue!r} does not exist: declare the topology first") from exc
+
+        async def on_message(msg: aio_pika.abc.AbstractIncomingMessage) -> None:
+            await handler(_RabbitDelivery(msg))
+
+        tag = await amqp_queue.consume(on_message)
+        sub = _RabbitSubscription(channel, amqp_queue, tag)
+        self._subs.append(sub)
+        return sub
+
+    async def _passive(self, queue: str) -> int:
+        channel = await self.connection.channel()
+        try:
+            declared = await channel.declare_queue(queue, passive=True)
+            return declared.declaration_result.message_count or 0
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            raise TransportError(f"queue {queue!r} does not exist") from exc
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
+    async def queue_depth(self, queue: str) -> int:
+        return await self._passive(queue)
+
+    async def get(self, queue: str) -> Delivery | None:
+        assert self._pub is not None
+        amqp_queue = await self._pub.get_queue(queue, ensure=False)
+        msg = await amqp_queue.get(no_ack=False, fail=False, timeout=self.timeout)
+        return None if msg is None else _RabbitDelivery(msg)
+
+    async def delete_queue(self, queue: str) -> None:
+        channel = await self.connection.channel()
+        try:
+            await channel.queue_delete(queue)
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
+    async def delete_exchange(self, exchange: str) -> None:
+        channel = await self.connection.channel()
+        try:
+            await channel.exchange_delete(exchange)
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"//([^:/@]+):([^@]+)@", r"//\1:***@", url)
