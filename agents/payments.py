@@ -1,0 +1,74 @@
+"""payments: captures payment for reserved orders; refunds it when shipping fails.
+
+Rule: a payment is declined if ``total_cents`` > 50000. One charge per order, ever.
+"""
+
+from __future__ import annotations
+
+from choreo import Agent, Context
+
+from ._db import AgentDB
+from .events import InventoryReserved, PaymentCaptured, PaymentFailed, PaymentRefunded, ShippingFailed
+
+DECLINE_ABOVE_CENTS = 50_000
+
+
+class PaymentsDB(AgentDB):
+    schema = """
+    CREATE TABLE IF NOT EXISTS charges (
+        order_id TEXT PRIMARY KEY,
+        status TEXT NOT NULL CHECK (status IN ('captured', 'declined', 'refunded')),
+        amount_cents INTEGER NOT NULL,
+        currency TEXT NOT NULL,
+        decided_by TEXT NOT NULL,
+        refunded_by TEXT
+    );
+    """
+
+
+agent: Agent[PaymentsDB] = Agent("payments", state=PaymentsDB.for_agent, version="1")
+
+
+@agent.on(InventoryReserved)
+async def capture(event: InventoryReserved, ctx: Context[PaymentsDB]) -> PaymentCaptured | PaymentFailed | None:
+    declined = event.total_cents > DECLINE_ABOVE_CENTS
+    with ctx.state.transaction() as db:
+        row = db.execute("SELECT decided_by FROM charges WHERE order_id = ?", (event.order_id,)).fetchone()
+        if row is not None and row[0] != ctx.event_id:
+            return None
+        if row is None:
+            db.execute(
+                "INSERT INTO charges (order_id, status, amount_cents, currency, decided_by) VALUES (?, ?, ?, ?, ?)",
+                (
+                    event.order_id,
+                    "declined" if declined else "captured",
+                    event.total_cents,
+                    event.currency,
+                    ctx.event_id,
+                ),
+            )
+    if declined:
+        return PaymentFailed(order_id=event.order_id, reason=f"declined: {event.total_cents} > {DECLINE_ABOVE_CENTS}")
+    return PaymentCaptured(
+        order_id=event.order_id, country=event.country, amount_cents=event.total_cents, currency=event.currency
+    )
+
+
+@agent.on(ShippingFailed)
+async def refund(event: ShippingFailed, ctx: Context[PaymentsDB]) -> PaymentRefunded | None:
+    """Compensation: refund the capture of an order that cannot ship."""
+    with ctx.state.transaction() as db:
+        row = db.execute(
+            "SELECT status, amount_cents, currency, refunded_by FROM charges WHERE order_id = ?", (event.order_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        status, amount, currency, refunded_by = row
+        if status == "captured":
+            db.execute(
+                "UPDATE charges SET status = 'refunded', refunded_by = ? WHERE order_id = ?",
+                (ctx.event_id, event.order_id),
+            )
+        elif refunded_by != ctx.event_id:
+            return None
+    return PaymentRefunded(order_id=event.order_id, amount_cents=amount, currency=currency)

@@ -1,0 +1,261 @@
+"""Run the order saga end to end and check every order ended correctly.
+
+Shared by ``choreo demo`` and the end-to-end tests, so both check the same thing:
+each order ends in exactly one ``order.completed`` / ``order.cancelled`` with the reason its
+plan calls for, and with exactly the compensations that failure requires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import random
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from choreo import Agent, Context, Keyring, Publisher, Settings, Worker
+from choreo.envelope import Envelope
+from choreo.publisher import new_envelope, to_message
+from choreo.runtime import AgentRuntime
+from choreo.transport.base import Transport
+
+from . import inventory, orders, payments, shipping
+from .events import InventoryReleased, Item, OrderCancelled, OrderCompleted, OrderPlaced, PaymentRefunded
+
+Outcome = Literal["completed", "out_of_stock", "payment_declined", "shipping_failed"]
+OUTCOMES: tuple[Outcome, ...] = ("completed", "out_of_stock", "payment_declined", "shipping_failed")
+SAGA_AGENTS: tuple[Agent[Any], ...] = (inventory.agent, payments.agent, shipping.agent, orders.agent)
+# Compensations each outcome calls for: (inventory.released, payment.refunded).
+EXPECTED_COMPENSATIONS: dict[Outcome, tuple[int, int]] = {
+    "completed": (0, 0),
+    "out_of_stock": (0, 0),
+    "payment_declined": (1, 0),
+    "shipping_failed": (1, 1),
+}
+
+
+@dataclass(frozen=True)
+class OrderPlan:
+    expected: Outcome
+    event: OrderPlaced
+
+    @property
+    def order_id(self) -> str:
+        return self.event.order_id
+
+
+def plan_orders(n: int, *, seed: int = 7, run_id: str = "") -> list[OrderPlan]:
+    """``n`` orders mixing all four outcomes (each at least once when ``n`` >= 4)."""
+    rng = random.Random(seed)
+    plans = []
+    for i in range(n):
+        outcome = OUTCOMES[i % 4] if i < 4 else rng.choice(OUTCOMES)
+        items = [Item(sku=f"sku-{rng.randrange(1000)}", qty=rng.randint(1, 3)) for _ in range(rng.randint(1, 3))]
+        if outcome == "out_of_stock":
+            items.append(Item(sku=f"oos-{rng.randrange(100)}", qty=1))
+        total = rng.randint(60_000, 90_000) if outcome == "payment_declined" else rng.randint(500, 50_000)
+        country = "XX" if outcome == "shipping_failed" else rng.choice(["DE", "FR", "NL", "US"])
+        event = OrderPlaced(
+            order_id=f"o-{run_id}{i:06d}",
+            customer_id=f"c-{rng.randrange(10_000)}",
+            country=country,
+            items=items,
+            total_cents=total,
+            currency="EUR",
+        )
+        plans.append(OrderPlan(outcome, event))
+    return plans
+
+
+@dataclass
+class AuditLog:
+    """What the auditor saw, by order id. Keyed by event id, so redeliveries count once."""
+
+    terminals: dict[str, dict[str, str]] = field(default_factory=lambda: collections.defaultdict(dict))
+    releases: dict[str, set[str]] = field(default_factory=lambda: collections.defaultdict(set))
+    refunds: dict[str, set[str]] = field(default_factory=lambda: collections.defaultdict(set))
+    ended_at: dict[str, float] = field(default_factory=dict)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def auditor_agent(log: AuditLog, name: str = "auditor") -> Agent[AuditLog]:
+    """An observer agent recording terminal events and compensations (not part of the saga)."""
+    agent: Agent[AuditLog] = Agent(name, state=lambda _env: log)
+
+    @agent.on(OrderCompleted, OrderCancelled)
+    async def ended(event: OrderCompleted | OrderCancelled, ctx: Context[AuditLog]) -> None:
+        outcome = "completed" if isinstance(event, OrderCompleted) else event.reason
+        ctx.state.terminals[event.order_id][ctx.event_id] = outcome
+        ctx.state.ended_at.setdefault(event.order_id, time.monotonic())
+        ctx.state.changed.set()
+
+    @agent.on(InventoryReleased)
+    async def released(event: InventoryReleased, ctx: Context[AuditLog]) -> None:
+        ctx.state.releases[event.order_id].add(ctx.event_id)
+
+    @agent.on(PaymentRefunded)
+    async def refunded(event: PaymentRefunded, ctx: Context[AuditLog]) -> None:
+        ctx.state.refunds[event.order_id].add(ctx.event_id)
+
+    return agent
+
+
+@dataclass
+class SagaReport:
+    orders: int
+    completed: int = 0
+    cancelled: collections.Counter[str] = field(default_factory=collections.Counter)
+    releases: int = 0
+    refunds: int = 0
+    duplicates_published: int = 0
+    duplicates_suppressed: int = 0
+    dead_lettered: collections.Counter[str] = field(default_factory=collections.Counter)
+    latencies_ms: list[float] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def percentile(self, q: float) -> float:
+        if not self.latencies_ms:
+            return 0.0
+        ordered = sorted(self.latencies_ms)
+        return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def verify(plans: Sequence[OrderPlan], log: AuditLog) -> list[str]:
+    """Every problem with how the orders ended; empty when all is right."""
+    problems = []
+    for plan in plans:
+        oid = plan.order_id
+        seen = log.terminals.get(oid, {})
+        if len(seen) != 1:
+            problems.append(f"{oid}: {len(seen)} terminal events {sorted(seen.values())}, expected exactly 1")
+            continue
+        (outcome,) = seen.values()
+        if outcome != plan.expected:
+            problems.append(f"{oid}: ended {outcome}, expected {plan.expected}")
+        want = EXPECTED_COMPENSATIONS[plan.expected]
+        got = (len(log.releases.get(oid, ())), len(log.refunds.get(oid, ())))
+        if got != want:
+            problems.append(f"{oid} ({plan.expected}): releases/refunds {got}, expected {want}")
+    return problems
+
+
+def bad_messages(keyring: Keyring, exchange: str) -> list[tuple[str, Any]]:
+    """Two messages that must be dead-lettered: a tampered signature and a non-JSON body."""
+    env = new_envelope("order.placed", {"order_id": "o-tampered"}, source="demo")
+    tampered = to_message(env, keyring, exchange)
+    tampered.body = tampered.body.replace(b"o-tampered", b"o-tampereD")
+    garbage = to_message(env, keyring, exchange)
+    garbage.body = b"\xff not json"
+    garbage.headers.update(keyring.sign(garbage.body))
+    return [("signature", tampered), ("malformed", garbage)]
+
+
+async def run_saga(
+    transport: Transport,
+    settings: Settings,
+    plans: Sequence[OrderPlan],
+    *,
+    duplicate_every: int = 20,
+    inject_bad: bool = True,
+    timeout_s: float = 120.0,
+    on_progress: Callable[[int], None] | None = None,
+) -> SagaReport:
+    """Start the four agents and an auditor on ``transport``, publish ``plans``, wait until
+    every order ended and the system is quiet, then verify. The transport must be connected."""
+    log = AuditLog()
+    worker = Worker([*SAGA_AGENTS, auditor_agent(log)], settings=settings, transport=transport)
+    report = SagaReport(orders=len(plans))
+    await worker.start()
+    started = time.monotonic()
+    try:
+        publisher = Publisher(transport=transport, settings=settings, source="demo-shop")
+        sent_at: dict[str, float] = {}
+        envelopes: list[Envelope] = []
+        window: list[Coroutine[Any, Any, Envelope]] = []
+        for plan in plans:
+            sent_at[plan.order_id] = time.monotonic()
+            window.append(publisher.publish(plan.event))
+            if len(window) >= 100:
+                envelopes.extend(await asyncio.gather(*window))
+                window = []
+        envelopes.extend(await asyncio.gather(*window))
+        # Re-publish some events byte-for-byte identical ids: dedup must absorb them.
+        if duplicate_every:
+            for env in envelopes[::duplicate_every]:
+                await publisher.publish_envelope(env)
+                report.duplicates_published += 1
+        expected_dead: collections.Counter[str] = collections.Counter()
+        if inject_bad:
+            for reason, message in bad_messages(settings.keyring, settings.naming.exchange):
+                await transport.publish(message)
+                expected_dead[reason] += 1
+
+        await _wait_until_done(worker, plans, log, timeout_s, on_progress)
+        report.elapsed_s = time.monotonic() - started
+    finally:
+        await worker.stop()
+
+    report.problems = verify(plans, log)
+    for plan in plans:
+        for outcome in log.terminals.get(plan.order_id, {}).values():
+            if outcome == "completed":
+                report.completed += 1
+            else:
+                report.cancelled[outcome] += 1
+        if plan.order_id in log.ended_at:
+            report.latencies_ms.append((log.ended_at[plan.order_id] - sent_at[plan.order_id]) * 1000)
+    report.releases = sum(len(v) for v in log.releases.values())
+    report.refunds = sum(len(v) for v in log.refunds.values())
+    for runtime in worker.runtimes:
+        report.duplicates_suppressed += runtime.stats.duplicates
+        report.dead_lettered.update(runtime.stats.dead_lettered)
+    if report.dead_lettered != expected_dead:
+        report.problems.append(f"dead-lettered {dict(report.dead_lettered)}, expected {dict(expected_dead)}")
+    if report.duplicates_suppressed < report.duplicates_published:
+        report.problems.append(
+            f"{report.duplicates_published} duplicates published but only {report.duplicates_suppressed} suppressed"
+        )
+    return report
+
+
+async def _wait_until_done(
+    worker: Worker,
+    plans: Sequence[OrderPlan],
+    log: AuditLog,
+    timeout_s: float,
+    on_progress: Callable[[int], None] | None,
+) -> None:
+    order_ids = [p.order_id for p in plans]
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                ended = sum(1 for oid in order_ids if oid in log.terminals)
+                if on_progress:
+                    on_progress(ended)
+                if ended == len(order_ids) and await _quiet(worker.runtimes):
+                    return
+                log.changed.clear()
+                try:
+                    async with asyncio.timeout(0.2):
+                        await log.changed.wait()
+                except TimeoutError:
+                    pass
+    except TimeoutError:
+        return  # verify() reports the orders that did not end
+
+
+async def _quiet(runtimes: Sequence[AgentRuntime[Any]]) -> bool:
+    """No handler running and every agent queue empty, twice in a row (late compensations)."""
+    for _ in range(2):
+        for runtime in runtimes:
+            if runtime.in_flight or await runtime.transport.queue_depth(runtime.queues.main):
+                return False
+        await asyncio.sleep(0.05)
+    return True
