@@ -120,6 +120,10 @@ class SagaReport:
     def ok(self) -> bool:
         return not self.problems
 
+    @property
+    def dead_lettered_total(self) -> int:
+        return sum(self.dead_lettered.values())
+
     def percentile(self, q: float) -> float:
         if not self.latencies_ms:
             return 0.0

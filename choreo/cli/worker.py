@@ -1,0 +1,35 @@
+"""``choreo worker MODULE:AGENT [...]``: run agents until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from ..config import Settings
+from ..log import configure
+from ..worker import Worker
+from ._load import load_agent
+from ._run import run
+
+
+@click.command()
+@click.argument("agents", nargs=-1, required=True)
+@click.option("--url", envvar="CHOREO_AMQP_URL", help="Broker URL [env CHOREO_AMQP_URL].")
+@click.option("--prefetch", type=click.IntRange(min=1), help="Unacked deliveries per agent [env CHOREO_PREFETCH].")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), help="[env CHOREO_STATE_DIR]")
+@click.option("--json-logs/--console-logs", default=None, help="Log format (default: JSON unless on a terminal).")
+def worker(
+    agents: tuple[str, ...], url: str | None, prefetch: int | None, state_dir: Path | None, json_logs: bool | None
+) -> None:
+    """Run AGENTS (e.g. agents.inventory:agent) until SIGTERM or SIGINT.
+
+    On a signal the worker stops consuming, lets in-flight handlers finish (up to
+    CHOREO_SHUTDOWN_GRACE_S), settles their messages and exits 0.
+    """
+    configure(json=json_logs)
+    loaded = [load_agent(spec) for spec in agents]
+    settings = Settings.from_env(amqp_url=url, prefetch=prefetch, state_dir=state_dir)
+    clean = run(Worker(loaded, settings=settings).run())
+    sys.exit(0 if clean else 3)
