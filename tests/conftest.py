@@ -101,23 +101,32 @@ class _Cleanup:
             await admin.close()
 
 
-@pytest.fixture
-async def rabbit_factory(amqp_url: str) -> AsyncIterator[Callable[[], Awaitable[RabbitMQTransport]]]:
-    """Connected RabbitMQ transports whose declarations are deleted after the test."""
-    cleanup = _Cleanup()
-    opened: list[RabbitMQTransport] = []
+class RabbitPool:
+    """Connected RabbitMQ transports whose declarations are deleted at :meth:`aclose`."""
 
-    async def make() -> RabbitMQTransport:
-        transport = RabbitMQTransport(amqp_url, connection_name="choreo-tests")
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.cleanup = _Cleanup()
+        self.opened: list[RabbitMQTransport] = []
+
+    async def make(self) -> RabbitMQTransport:
+        transport = RabbitMQTransport(self.url, connection_name="choreo-tests")
         await transport.connect()
-        cleanup.track(transport)
-        opened.append(transport)
+        self.cleanup.track(transport)
+        self.opened.append(transport)
         return transport
 
-    yield make
-    for transport in opened:
-        await transport.close()
-    await cleanup.run(amqp_url)
+    async def aclose(self) -> None:
+        for transport in self.opened:
+            await transport.close()
+        await self.cleanup.run(self.url)
+
+
+@pytest.fixture
+async def rabbit_factory(amqp_url: str) -> AsyncIterator[Callable[[], Awaitable[RabbitMQTransport]]]:
+    pool = RabbitPool(amqp_url)
+    yield pool.make
+    await pool.aclose()
 
 
 @pytest.fixture(params=["memory", "rabbitmq"])
@@ -144,8 +153,9 @@ async def transport_factory(
         for transport in opened:
             await transport.close()
         return
-    rabbit: Callable[[], Awaitable[RabbitMQTransport]] = request.getfixturevalue("rabbit_factory")
-    yield rabbit
+    pool = RabbitPool(request.getfixturevalue("amqp_url"))
+    yield pool.make
+    await pool.aclose()
 
 
 @pytest.fixture

@@ -1,0 +1,137 @@
+"""A producer that is not choreo: body and signature built by hand, published with plain AMQP.
+
+This is what a Java service or a shell script does with ``wire-format.md``; choreo must handle
+it, and must dead-letter the same body with one byte changed without ever handling it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import shutil
+import subprocess
+from collections.abc import Awaitable, Callable
+
+import aio_pika
+import pytest
+
+from choreo import Agent, Context, Event, Settings, Worker
+from choreo.testing import wait_for
+from choreo.transport.rabbitmq import RabbitMQTransport
+
+from ..conftest import SECRET
+
+pytestmark = pytest.mark.rabbitmq
+
+
+class RawOrderPlaced(Event, type="order.placed"):
+    order_id: str
+
+
+def hmac_hex(body: bytes, secret: str) -> str:
+    """As `openssl dgst -sha256 -hmac SECRET -hex` computes it (via openssl when installed)."""
+    openssl = shutil.which("openssl")
+    if openssl:
+        out = subprocess.run(
+            [openssl, "dgst", "-sha256", "-hmac", secret, "-hex"], input=body, capture_output=True, check=True
+        ).stdout.decode()
+        return out.strip().rsplit("= ", 1)[-1]
+    return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+async def test_hand_built_event_is_handled_and_tampered_copy_is_dead_lettered(
+    rabbit_factory: Callable[[], Awaitable[RabbitMQTransport]], settings: Settings, amqp_url: str
+) -> None:
+    handled: list[str] = []
+    agent: Agent[None] = Agent("rawsink")
+
+    @agent.on(RawOrderPlaced)
+    async def on_order(event: RawOrderPlaced, ctx: Context[None]) -> None:
+        handled.append(event.order_id)
+
+    worker = Worker([agent], settings=settings, transport=await rabbit_factory())
+    await worker.start()
+    try:
+        body = (
+            b'{"id":"e-raw-1","type":"order.placed","source":"shop","issued_at":"2026-11-20T10:00:00Z",'
+            b'"trace_id":"4bf92f3577b34da6a3ce929d0e0e4736","payload":{"order_id":"o-raw-1"}}'
+        )
+        signature = hmac_hex(body, SECRET)
+        assert signature == hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+        tampered = body.replace(b"o-raw-1", b"o-raw-2")
+        assert len(tampered) == len(body)
+        assert sum(a != b for a, b in zip(body, tampered, strict=True)) == 1
+
+        connection = await aio_pika.connect(amqp_url)
+        try:
+            channel = await connection.channel(publisher_confirms=True)
+            exchange = await channel.get_exchange(settings.naming.exchange, ensure=True)
+            headers: dict[str, aio_pika.abc.FieldValue] = {
+                "x-choreo-alg": "hmac-sha256",
+                "x-choreo-kid": "k1",
+                "x-choreo-sig": signature,
+            }
+            # No message_id, no type: plain CLI publishers cannot set them and choreo must not need them.
+            await exchange.publish(
+                aio_pika.Message(body, headers=headers, content_type="application/json", delivery_mode=2),
+                routing_key="order.placed",
+            )
+            await wait_for(lambda: handled == ["o-raw-1"], within=10, what="the hand-built event to be handled")
+
+            await exchange.publish(
+                aio_pika.Message(tampered, headers=headers, content_type="application/json", delivery_mode=2),
+                routing_key="order.placed",
+            )
+            await wait_for(
+                lambda: worker.runtimes[0].stats.dead_lettered["signature"] == 1, within=10, what="dead-lettering"
+            )
+            dlq = await channel.get_queue(settings.naming.agent_queues("rawsink").dlq, ensure=True)
+            message = await dlq.get(fail=False)
+            assert message is not None, "tampered message never reached the DLQ"
+            assert message.body == tampered
+            assert message.headers["x-choreo-reason"] == "signature"
+            assert message.headers["x-choreo-sig"] == signature  # signature kept for a later replay
+            assert message.headers["x-choreo-agent"] == "rawsink"
+            assert message.headers["x-choreo-original-routing-key"] == "order.placed"
+            await message.ack()
+        finally:
+            await connection.close()
+        assert handled == ["o-raw-1"], "the tampered event must never reach the handler"
+    finally:
+        await worker.stop()
+
+
+@pytest.mark.skipif(shutil.which("amqp-publish") is None, reason="amqp-tools (amqp-publish) not installed")
+async def test_the_shell_recipe_of_the_wire_format_doc_works(
+    rabbit_factory: Callable[[], Awaitable[RabbitMQTransport]], settings: Settings, amqp_url: str
+) -> None:
+    """The exact commands of wire-format.md: printf | openssl dgst, then amqp-publish."""
+    handled: list[str] = []
+    agent: Agent[None] = Agent("shellsink")
+
+    @agent.on(RawOrderPlaced)
+    async def on_order(event: RawOrderPlaced, ctx: Context[None]) -> None:
+        handled.append(event.order_id)
+
+    worker = Worker([agent], settings=settings, transport=await rabbit_factory())
+    await worker.start()
+    script = """
+body='{"id":"e-1","type":"order.placed","source":"shop","issued_at":"2026-11-20T10:00:00Z","trace_id":"4bf92f3577b34da6a3ce929d0e0e4736","payload":{"order_id":"o-1"}}'
+sig=$(printf '%s' "$body" | openssl dgst -sha256 -hmac "$SECRET" -hex | sed 's/^.*= //')
+amqp-publish --url="$URL" -e "$EXCHANGE" -r order.placed -p -C application/json \
+  -H "x-choreo-alg: hmac-sha256" -H "x-choreo-kid: k1" -H "x-choreo-sig: $sig" -b "$body"
+"""
+    try:
+        # amqp-tools reads a trailing "/" as the empty vhost name; without it, the default "/".
+        url = amqp_url[:-1] if amqp_url.endswith("/") else amqp_url
+        env = {"SECRET": SECRET, "URL": url, "EXCHANGE": settings.naming.exchange, "PATH": "/usr/bin:/bin"}
+        proc = await asyncio.create_subprocess_exec(
+            "bash", "-c", script, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        out, err = await proc.communicate()
+        assert proc.returncode == 0, (out + err).decode()
+        await wait_for(lambda: handled == ["o-1"], within=10, what="the shell-published event to be handled")
+        assert worker.runtimes[0].stats.dead_lettered_total == 0
+    finally:
+        await worker.stop()
