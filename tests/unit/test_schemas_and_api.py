@@ -45,7 +45,7 @@ def test_every_example_event_has_a_schema_with_order_id() -> None:
 
 
 def test_public_api_is_pinned_and_sorted() -> None:
-    assert choreo.__all__ == sorted(choreo.__all__, key=str.lower)
+    assert choreo.__all__ == sorted(choreo.__all__)
     assert set(choreo.__all__) == {
         "Agent",
         "AgentEnv",
