@@ -6,10 +6,11 @@ The body on the wire is authoritative; this model is how choreo reads and writes
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, ValidationError
 
 from . import codec
 from .errors import SchemaInvalid
@@ -18,6 +19,16 @@ __all__ = ["TYPE_PATTERN", "Envelope", "format_timestamp", "parse_envelope"]
 
 TYPE_PATTERN = r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$"
 TRACE_ID_PATTERN = r"^[0-9a-f]{32}$"
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:[Zz]|[+-]\d{2}:\d{2})")
+
+
+def _rfc3339(value: object) -> object:
+    """Accept only RFC 3339 text (pydantic alone would also take Unix timestamps)."""
+    if isinstance(value, datetime):
+        return value
+    if not isinstance(value, str) or _RFC3339.fullmatch(value) is None:
+        raise ValueError("must be an RFC 3339 timestamp such as 2026-11-20T10:00:00.123Z")
+    return value
 
 
 class Envelope(BaseModel):
@@ -36,7 +47,9 @@ class Envelope(BaseModel):
     id: Annotated[str, Field(min_length=1, max_length=128, description="Unique event id (choreo uses UUIDv7).")]
     type: Annotated[str, Field(pattern=TYPE_PATTERN, description="Event name; the routing key when first published.")]
     source: Annotated[str, Field(min_length=1, description="Name of the producing service or agent.")]
-    issued_at: Annotated[AwareDatetime, Field(description="RFC 3339 UTC timestamp of issue.")]
+    issued_at: Annotated[
+        AwareDatetime, BeforeValidator(_rfc3339), Field(description="RFC 3339 UTC timestamp of issue.")
+    ]
     trace_id: Annotated[str, Field(pattern=TRACE_ID_PATTERN, description="W3C trace-id of the causal tree.")]
     causation_id: Annotated[str | None, Field(description="Id of the event whose handling produced this one.")] = None
     correlation_id: Annotated[str | None, Field(description="Conversation / saga id; null means the root's id.")] = None

@@ -38,7 +38,7 @@ class Event(BaseModel):
         super().__init_subclass__(**kwargs)
         if type is None:  # an intermediate base, or a subclass inheriting its parent's type
             return
-        if not _TYPE_RE.match(type):
+        if not _TYPE_RE.fullmatch(type):
             raise ConfigError(f"event type {type!r} of {cls.__name__} must match {TYPE_PATTERN}")
         cls.__event_type__ = type
         if ttl_ms is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ ALG_HEADER: Final = "x-choreo-alg"
 KID_HEADER: Final = "x-choreo-kid"
 SIG_HEADER: Final = "x-choreo-sig"
 _ALGS: Final = (HMAC_SHA256, ED25519)
+_HEX: Final = re.compile(r"(?:[0-9a-fA-F]{2})+")  # lowercase per the spec; uppercase tolerated
 
 
 class Signer(Protocol):
@@ -270,10 +272,10 @@ class Keyring:
         verifier = self._verifiers.get((alg, kid))
         if verifier is None:
             raise SignatureInvalid(f"unknown key id {kid!r} for {alg}")
-        try:
-            signature = bytes.fromhex(sig)
-        except ValueError:
-            raise SignatureInvalid("x-choreo-sig is not hex") from None
+        # fromhex() alone would accept embedded whitespace; the header must be hex digits only.
+        if _HEX.fullmatch(sig) is None:
+            raise SignatureInvalid("x-choreo-sig is not hex")
+        signature = bytes.fromhex(sig)
         if not verifier.verify(body, signature):
             raise SignatureInvalid(f"signature does not match the body (kid {kid!r})")
 

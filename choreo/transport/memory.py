@@ -49,6 +49,7 @@ class _Message:
     correlation_id: str | None
     type: str | None
     expires_at: float | None = None  # monotonic deadline from per-message expiration
+    ttl_deadline: float | None = None  # monotonic deadline from the queue's x-message-ttl
     delivery_count: int = 0
     redelivered: bool = False
 
@@ -71,16 +72,16 @@ class _Queue:
     consumers: list[_Consumer] = field(default_factory=list)
     rr: int = 0
     ttl_handle: asyncio.TimerHandle | None = None
-    ttl_deadlines: deque[float] = field(default_factory=deque)
 
 
 class _Delivery:
-    __slots__ = ("_broker", "_consumer", "_msg", "settled")
+    __slots__ = ("_broker", "_consumer", "_msg", "_redelivered", "settled")
 
     def __init__(self, broker: InMemoryBroker, consumer: _Consumer, msg: _Message) -> None:
         self._broker = broker
         self._consumer = consumer
         self._msg = msg
+        self._redelivered = msg.redelivered  # fixed at delivery, as the AMQP flag is
         self.settled = False
 
     @property
@@ -105,7 +106,7 @@ class _Delivery:
 
     @property
     def redelivered(self) -> bool:
-        return self._msg.redelivered
+        return self._redelivered
 
     def _settle(self) -> None:
         if self.settled:
@@ -208,35 +209,42 @@ class InMemoryBroker:
 
     def _enqueue(self, queue: _Queue, msg: _Message, *, front: bool = False) -> None:
         if front:
-            queue.ready.appendleft(msg)
+            queue.ready.appendleft(msg)  # a requeued message keeps its TTL deadline, as in RabbitMQ
         else:
-            queue.ready.append(msg)
             ttl = queue.arguments.get("x-message-ttl")
             if isinstance(ttl, int):
-                self._schedule_ttl(queue, time.monotonic() + ttl / 1000)
+                msg.ttl_deadline = time.monotonic() + ttl / 1000
+            queue.ready.append(msg)
+        if msg.ttl_deadline is not None:
+            self._arm_ttl(queue)
         self._pump(queue)
 
-    def _schedule_ttl(self, queue: _Queue, deadline: float) -> None:
-        queue.ttl_deadlines.append(deadline)
-        if queue.ttl_handle is None:
-            self._arm_ttl(queue)
-
     def _arm_ttl(self, queue: _Queue) -> None:
-        if not queue.ttl_deadlines:
+        """Schedule expiry of the head message; messages expire at the head, as in RabbitMQ."""
+        if queue.ttl_handle is not None:
+            queue.ttl_handle.cancel()
             queue.ttl_handle = None
-            return
-        loop = asyncio.get_running_loop()
-        delay = max(0.0, queue.ttl_deadlines[0] - time.monotonic())
-        queue.ttl_handle = loop.call_later(delay, self._expire_head, queue)
+        if queue.ready and queue.ready[0].ttl_deadline is not None:
+            delay = max(0.0, queue.ready[0].ttl_deadline - time.monotonic())
+            queue.ttl_handle = asyncio.get_running_loop().call_later(delay, self._expire_head, queue)
 
     def _expire_head(self, queue: _Queue) -> None:
-        # Fixed-TTL queues are FIFO in their deadlines, as in RabbitMQ (expiry at the head).
+        queue.ttl_handle = None
         now = time.monotonic()
-        while queue.ttl_deadlines and queue.ttl_deadlines[0] <= now:
-            queue.ttl_deadlines.popleft()
-            if queue.ready:
-                self._dead_letter(queue, queue.ready.popleft(), "expired")
+        while queue.ready and (deadline := queue.ready[0].ttl_deadline) is not None and deadline <= now:
+            self._dead_letter(queue, queue.ready.popleft(), "expired")
         self._arm_ttl(queue)
+
+    def _pop_live(self, queue: _Queue) -> _Message | None:
+        """The head message, dead-lettering the ones whose per-message expiration passed."""
+        now = time.monotonic()
+        while queue.ready:
+            msg = queue.ready.popleft()
+            if msg.expires_at is not None and msg.expires_at <= now:
+                self._dead_letter(queue, msg, "expired")
+                continue
+            return msg
+        return None
 
     def _dead_letter(self, queue: _Queue, msg: _Message, reason: str) -> None:
         dlx = queue.arguments.get("x-dead-letter-exchange")
@@ -288,17 +296,13 @@ class InMemoryBroker:
 
     # delivery --------------------------------------------------------------------------------
     def _pump(self, queue: _Queue) -> None:
-        now = None
         while queue.ready:
             consumer = self._next_consumer(queue)
             if consumer is None:
                 return
-            msg = queue.ready.popleft()
-            if msg.expires_at is not None:
-                now = now or time.monotonic()
-                if msg.expires_at <= now:
-                    self._dead_letter(queue, msg, "expired")
-                    continue
+            msg = self._pop_live(queue)
+            if msg is None:
+                return
             delivery = _Delivery(self, consumer, msg)
             consumer.in_flight.add(delivery)
             task = asyncio.get_running_loop().create_task(consumer.handler(delivery))
@@ -316,10 +320,11 @@ class InMemoryBroker:
 
     def get(self, connection: InMemoryTransport, name: str) -> Delivery | None:
         queue = self._queue(name)
-        if not queue.ready:
+        msg = self._pop_live(queue)
+        if msg is None:
             return None
         consumer = _Consumer(queue, _noop_handler, prefetch=1, connection=connection)
-        delivery = _GetDelivery(self, consumer, queue.ready.popleft())
+        delivery = _GetDelivery(self, consumer, msg)
         connection._gets.add(delivery)
         return delivery
 

@@ -30,7 +30,9 @@ __all__ = ["RabbitMQTransport"]
 
 _INEQUIVALENT = re.compile(
     r"inequivalent arg '(?P<arg>[^']+)' for (?P<kind>queue|exchange) '(?P<name>[^']+)'.*?"
-    r"received (?:the value '(?P<received>[^']*)'|none).*?but current is (?:the value '(?P<current>[^']*)'|none)"
+    # 3.10: "received '5' but current is '3'"; later: "received the value '5' of type 'long' but current is ..."
+    r"received (?:(?:the value )?'(?P<received>[^']*)'|none).*?"
+    r"but current is (?:(?:the value )?'(?P<current>[^']*)'|none)"
 )
 
 

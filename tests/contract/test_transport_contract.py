@@ -268,25 +268,16 @@ async def test_declaring_the_same_topology_twice_is_idempotent(transport: Transp
 
 
 async def test_declaring_an_existing_queue_with_another_delivery_limit_names_the_difference(
-    transport: Transport, naming: Naming, transport_kind: str, request: pytest.FixtureRequest
+    transport: Transport, naming: Naming
 ) -> None:
-    if transport_kind == "rabbitmq":
-        request.applymarker(
-            pytest.mark.xfail(
-                reason=(
-                    "choreo/transport/rabbitmq.py _INEQUIVALENT only parses RabbitMQ >= 3.11 wording "
-                    "(\"received the value '5' of type ...\"); RabbitMQ 3.10 says \"received '5' but current "
-                    "is '3'\", so TopologyError.differences is empty"
-                ),
-                strict=True,
-            )
-        )
     await transport.declare(agent_topology("conflict", ["x.y"], naming=naming, delivery_limit=3))
     with pytest.raises(TopologyError) as info:
         await transport.declare(agent_topology("conflict", ["x.y"], naming=naming, delivery_limit=5))
     assert "x-delivery-limit" in info.value.differences
     assert info.value.entity == naming.agent_queues("conflict").main
     assert "x-delivery-limit" in str(info.value)
+    assert "declared 5" in str(info.value)
+    assert "existing 3" in str(info.value)
     # The failed declaration did not break the connection.
     await transport.publish(message(naming, "x.y", b"still works"))
     await depth_is(transport, naming.agent_queues("conflict").main, 1)

@@ -288,11 +288,6 @@ async def test_nack_requeue_redelivers_with_redelivered_flag(transport: InMemory
     assert await transport.queue_depth("q") == 0
 
 
-@pytest.mark.xfail(
-    reason="memory.py _Delivery reads redelivered from the shared _Message, which _return() mutates: "
-    "a delivery handed out as first-time reports redelivered=True once its message is requeued",
-    strict=True,
-)
 async def test_redelivered_flag_of_a_delivery_does_not_change_afterwards(transport: InMemoryTransport) -> None:
     await declare(transport, QueueSpec("q", {}))
     await transport.publish(to_queue("q", b"x"))
@@ -472,11 +467,6 @@ async def _depth_is(transport: InMemoryTransport, queue: str, depth: int) -> boo
     return await transport.queue_depth(queue) == depth
 
 
-@pytest.mark.xfail(
-    reason="memory.py keeps x-message-ttl deadlines apart from the messages: a message taken off the queue "
-    "leaves its deadline behind, which later expires the next message early",
-    strict=True,
-)
 async def test_queue_message_ttl_counts_from_each_messages_own_enqueue(transport: InMemoryTransport) -> None:
     ttl = 0.3
     await declare(
@@ -530,11 +520,6 @@ async def test_per_message_expiration_without_dead_letter_exchange_drops(transpo
     assert await transport.queue_depth("q") == 0
 
 
-@pytest.mark.xfail(
-    reason="InMemoryBroker.get() hands out messages whose per-message expiration has passed; "
-    "RabbitMQ drops or dead-letters them at the head on basic.get too",
-    strict=True,
-)
 async def test_get_does_not_return_an_expired_message(transport: InMemoryTransport) -> None:
     await declare(transport, QueueSpec("work", {**DLQ_ARGS}), QueueSpec("work.dlq", {}))
     published = time.monotonic()
