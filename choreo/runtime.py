@@ -114,9 +114,8 @@ class AgentRuntime(Generic[S]):
             delivery_limit=self.settings.delivery_limit,
         )
 
-    @property
-    def attached(self) -> bool:
-        return self._sub is not None and self._sub.attached
+    async def is_attached(self) -> bool:
+        return self._sub is not None and await self._sub.is_attached()
 
     @property
     def in_flight(self) -> int:

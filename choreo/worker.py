@@ -43,10 +43,11 @@ class Worker:
         self.runtimes = [AgentRuntime(agent, transport, self.settings) for agent in agents]
         self.started = asyncio.Event()
 
-    @property
-    def ready(self) -> bool:
-        """Connected and every agent's consumer attached."""
-        return self.transport.connected and all(r.attached for r in self.runtimes)
+    async def is_ready(self) -> bool:
+        """Connected and every agent's consumer attached (readiness, not just liveness)."""
+        if not self.transport.connected:
+            return False
+        return all([await r.is_attached() for r in self.runtimes])
 
     async def start(self) -> None:
         if self._owns_transport:

@@ -7,6 +7,7 @@ assert emitted == [InventoryReserved(...)]
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -59,11 +60,19 @@ async def call(agent: Agent[S], event: Event, *, state: S = None, event_id: str 
 async def wait_for(predicate: Callable[[], Any], within: float = 10.0, what: str = "condition") -> None:
     """Poll ``predicate`` every 10 ms until it is truthy; raise TimeoutError after ``within`` s.
 
+    ``predicate`` may return an awaitable (e.g. ``lambda: worker.is_ready()``), which is awaited.
     Polling (not an Event) because the predicate is arbitrary state, e.g. a queue depth.
     """
+
+    async def check() -> bool:
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        return bool(result)
+
     try:
         async with asyncio.timeout(within):
-            while not predicate():  # noqa: ASYNC110
+            while not await check():  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
     except TimeoutError:
         raise TimeoutError(f"timed out after {within}s waiting for {what}") from None

@@ -63,9 +63,8 @@ DeliveryHandler = Callable[[Delivery], Coroutine[Any, Any, None]]
 class Subscription(Protocol):
     @property
     def queue(self) -> str: ...
-    @property
-    def attached(self) -> bool:
-        """True while the broker delivers to this subscription."""
+    async def is_attached(self) -> bool:
+        """True while the broker delivers to this subscription (checked on the live channel)."""
         ...
 
     async def cancel(self) -> None:

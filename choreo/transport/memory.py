@@ -369,8 +369,7 @@ class _MemorySubscription:
     def queue(self) -> str:
         return self._consumer.queue.name
 
-    @property
-    def attached(self) -> bool:
+    async def is_attached(self) -> bool:
         return self._consumer.active and self._consumer.connection.connected
 
     async def cancel(self) -> None:

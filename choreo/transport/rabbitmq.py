@@ -108,12 +108,13 @@ class _RabbitSubscription:
     def queue(self) -> str:
         return self._queue.name
 
-    @property
-    def attached(self) -> bool:
+    async def is_attached(self) -> bool:
+        """Our consumer tag is registered on the channel open right now; after a reconnect or a
+        broker-side cancel this turns true again only once aio-pika has restored the consumer."""
         if self._cancelled or self._channel.is_closed:
             return False
         try:
-            underlay = cast(aiormq.Channel, cast(aio_pika.RobustChannel, self._channel).channel)
+            underlay = cast(aiormq.Channel, await self._channel.get_underlay_channel())
         except (aio_pika.exceptions.ChannelInvalidStateError, RuntimeError):
             return False
         return not underlay.is_closed and self._tag in underlay.consumers

@@ -150,12 +150,13 @@ async def test_prefetch_bounds_unsettled_deliveries(transport: Transport, naming
         await delivery.ack()
 
     await transport.subscribe(queue.name, handler, prefetch=prefetch)
-    await wait_for(lambda: in_flight == prefetch, within=10, what="prefetch deliveries in flight")
-    # The broker holds the rest back while the prefetch window is full.
-    await depth_is(transport, queue.name, total - prefetch)
-    assert max_in_flight == prefetch
-
-    gate.set()
+    try:
+        await wait_for(lambda: in_flight == prefetch, within=10, what="prefetch deliveries in flight")
+        # The broker holds the rest back while the prefetch window is full.
+        await depth_is(transport, queue.name, total - prefetch)
+        assert max_in_flight == prefetch
+    finally:
+        gate.set()
     await wait_for(lambda: len(done) == total, within=10, what="every delivery handled")
     assert max_in_flight == prefetch
     assert sorted(done, key=int) == [str(i).encode() for i in range(total)]
@@ -341,29 +342,15 @@ async def test_cancelled_subscription_receives_no_new_deliveries(transport: Tran
     assert [d.body for d in got] == [b"after"]
 
 
-async def test_subscription_reports_attached_until_cancelled(
-    transport: Transport, naming: Naming, transport_kind: str, request: pytest.FixtureRequest
-) -> None:
-    if transport_kind == "rabbitmq":
-        request.applymarker(
-            pytest.mark.xfail(
-                reason=(
-                    "choreo/transport/rabbitmq.py _RabbitSubscription.attached reads the deprecated "
-                    "RobustChannel.channel property, which warns DeprecationWarning on every call; the "
-                    "project's filterwarnings=error turns that into an exception"
-                ),
-                raises=DeprecationWarning,
-                strict=True,
-            )
-        )
+async def test_subscription_reports_attached_until_cancelled(transport: Transport, naming: Naming) -> None:
     queue = plain_queue(naming, "attached", "a.b")
     await transport.declare(Topology(naming.exchange, (queue,)))
     subscription = await transport.subscribe(queue.name, Collector(), prefetch=1)
-    await wait_for(lambda: subscription.attached, what="the consumer to attach")
+    await wait_for(subscription.is_attached, what="the consumer to attach")
     await subscription.cancel()
-    assert not subscription.attached
+    assert not await subscription.is_attached()
     await subscription.cancel()  # cancelling twice is harmless
-    assert not subscription.attached
+    assert not await subscription.is_attached()
 
 
 async def test_queue_depth_counts_ready_messages_only(transport: Transport, naming: Naming) -> None:

@@ -182,7 +182,7 @@ async def test_subscribe_delivers_and_ack_removes(transport: InMemoryTransport) 
     recorder = Recorder("ack")
     subscription = await transport.subscribe("q", recorder, prefetch=10)
     assert subscription.queue == "q"
-    assert subscription.attached
+    assert await subscription.is_attached()
     headers: dict[str, str | int | float | bool | bytes | None] = {"x-choreo-kid": "k1", "x-count": 3}
     await transport.publish(event("order.placed", b"body-1", headers=headers, message_id="m-1"))
     await wait_until(lambda: len(recorder.deliveries) == 1)
@@ -217,7 +217,7 @@ async def test_cancelled_subscription_receives_nothing_new(transport: InMemoryTr
     await transport.publish(to_queue("q", b"before"))
     await wait_until(lambda: len(recorder.deliveries) == 1)
     await subscription.cancel()
-    assert not subscription.attached
+    assert not await subscription.is_attached()
     await transport.publish(to_queue("q", b"after"))
     assert await transport.queue_depth("q") == 1
     assert recorder.bodies == [b"before"]
@@ -633,7 +633,7 @@ async def test_closing_a_transport_returns_unacked_deliveries_to_another_consume
     assert await second.queue_depth("q") == 0
 
     await first.close()
-    assert not first_subscription.attached
+    assert not await first_subscription.is_attached()
     await wait_until(lambda: len(taker.deliveries) == 2)
     assert sorted(taker.bodies) == [b"m1", b"m2"]
     assert taker.redelivered == [True, True]
