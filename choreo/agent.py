@@ -18,10 +18,14 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from .envelope import Envelope
-from .errors import ConfigError
+from .errors import ConfigError, FaultReason
 from .events import Event, EventRegistry
+from .retry import DEFAULT_RETRY, RetryPolicy
 
-__all__ = ["Agent", "AgentEnv", "Context", "Emitted", "HandlerSpec"]
+__all__ = ["DEFAULT_RETRY_TIERS_S", "Agent", "AgentEnv", "Context", "Emitted", "Failure", "HandlerSpec"]
+
+# Broker-delayed retry tiers: each is a queue whose messages wait this long, then return.
+DEFAULT_RETRY_TIERS_S: tuple[float, ...] = (1.0, 10.0, 60.0)
 
 S = TypeVar("S")
 Emitted = Event | Sequence[Event] | None
@@ -57,9 +61,29 @@ class Context(Generic[S]):
 
 
 @dataclass(frozen=True, slots=True)
+class Failure:
+    """Why a handler gave up on an event, handed to its ``on_failure`` function.
+
+    The failure event it returns is published like an emitted event: ``causation_id`` is the
+    failed event's id and ``trace_id`` / ``correlation_id`` carry on, so the causation chain
+    stays intact for the agents that compensate.
+    """
+
+    reason: FaultReason  # "handler_error" (permanent) or "retries_exhausted"
+    error: str
+    attempts: int
+    envelope: Envelope
+
+
+FailureFn = Callable[[Any, Failure], Event | None]
+
+
+@dataclass(frozen=True, slots=True)
 class HandlerSpec:
     event_cls: type[Event]
     fn: HandlerFn
+    retry: RetryPolicy | None = None
+    on_failure: FailureFn | None = None
 
     @property
     def name(self) -> str:
@@ -79,17 +103,33 @@ class Agent(Generic[S]):
         *,
         state: Callable[[AgentEnv], S] | None = None,
         version: str = "0",
+        retry: RetryPolicy = DEFAULT_RETRY,
+        retry_tiers_s: tuple[float, ...] = DEFAULT_RETRY_TIERS_S,
     ) -> None:
         if not name or any(c in name for c in " #*") or name.endswith(".dlq"):
             raise ConfigError(f"agent name {name!r} must be a plain queue name")
         self.name = name
         self.version = version
         self.state_factory = state
+        self.retry = retry
+        if any(t <= 0 for t in retry_tiers_s) or list(retry_tiers_s) != sorted(set(retry_tiers_s)):
+            raise ConfigError(f"retry_tiers_s of {name!r} must be positive and increasing, got {retry_tiers_s}")
+        self.retry_tiers_s = retry_tiers_s
         self._handlers: dict[str, HandlerSpec] = {}
         self._events = EventRegistry()
 
-    def on(self, *event_classes: type[Event]) -> Callable[[H], H]:
-        """Register the decorated coroutine as the handler of each of ``event_classes``."""
+    def on(
+        self,
+        *event_classes: type[Event],
+        retry: RetryPolicy | None = None,
+        on_failure: FailureFn | None = None,
+    ) -> Callable[[H], H]:
+        """Register the decorated coroutine as the handler of each of ``event_classes``.
+
+        ``retry`` overrides the agent's policy. ``on_failure(event, failure)`` returns the
+        event to publish when the handler fails for good (permanently, or once retries are
+        exhausted), so upstream agents can compensate; without it the message is dead-lettered.
+        """
         if not event_classes:
             raise ConfigError("agent.on() needs at least one event class")
 
@@ -99,7 +139,7 @@ class Agent(Generic[S]):
                 if name in self._handlers:
                     raise ConfigError(f"agent {self.name!r} already handles {name!r} with {self._handlers[name].name}")
                 self._events.add(cls)
-                self._handlers[name] = HandlerSpec(cls, fn)
+                self._handlers[name] = HandlerSpec(cls, fn, retry, on_failure)
             return fn
 
         return register
@@ -110,6 +150,14 @@ class Agent(Generic[S]):
 
     def handler_for(self, event_type: str) -> HandlerSpec | None:
         return self._handlers.get(event_type)
+
+    def policy_for(self, spec: HandlerSpec) -> RetryPolicy:
+        return spec.retry or self.retry
+
+    @property
+    def worst_case_hold_s(self) -> float:
+        """Longest any handler of this agent may hold a delivery unacked (for leases)."""
+        return max((self.policy_for(s).worst_case_hold_s() for s in self._handlers.values()), default=0.0)
 
     def __repr__(self) -> str:
         return f"Agent({self.name!r}, handles={self.handled_types})"

@@ -11,6 +11,7 @@
 | CHOREO_MAX_BODY_BYTES | 1048576 | larger bodies are dead-lettered as malformed |
 | CHOREO_CLOCK_SKEW_MS | 5000 | tolerance added to ttl_ms before an event counts as expired |
 | CHOREO_SHUTDOWN_GRACE_S | 30 | how long shutdown waits for in-flight handlers |
+| CHOREO_CONSUMER_TIMEOUT_MS | 1800000 | the broker's consumer_timeout; no message is held unacked that long |
 | CHOREO_SIGNING_KEYS etc. | | see :meth:`choreo.signing.Keyring.from_env` |
 """
 
@@ -54,6 +55,7 @@ class Settings:
     max_body_bytes: int = 1 << 20
     clock_skew_ms: int = 5000
     shutdown_grace_s: float = 30.0
+    consumer_timeout_ms: int = 1_800_000
     keyring: Keyring = field(default_factory=Keyring)
 
     @classmethod
@@ -71,6 +73,7 @@ class Settings:
             max_body_bytes=_int(env, "CHOREO_MAX_BODY_BYTES", 1 << 20, minimum=1),
             clock_skew_ms=_int(env, "CHOREO_CLOCK_SKEW_MS", 5000),
             shutdown_grace_s=float(_int(env, "CHOREO_SHUTDOWN_GRACE_S", 30)),
+            consumer_timeout_ms=_int(env, "CHOREO_CONSUMER_TIMEOUT_MS", 1_800_000, minimum=1000),
             keyring=Keyring.from_env(env),
         )
         return replace(settings, **{k: v for k, v in overrides.items() if v is not None})

@@ -5,6 +5,7 @@
     ├── TopologyError               broker topology differs from what an agent declares
     ├── TransportError              the broker could not be reached or refused an operation
     │   └── PublishNotConfirmed     the broker nacked, returned or never confirmed a publish
+    ├── HandlerError                a handler failed for good in one delivery (after its tries)
     ├── MessageFault                a message that cannot be handled; carries a fault reason
     │   ├── SignatureInvalid        reason "signature"
     │   ├── MalformedMessage        reason "malformed"     (not a UTF-8 JSON object)
@@ -38,6 +39,7 @@ __all__ = [
     "ConfigError",
     "EventExpired",
     "FaultReason",
+    "HandlerError",
     "HandlerSignal",
     "MalformedMessage",
     "MessageFault",
@@ -80,6 +82,20 @@ class TransportError(ChoreoError):
 
 class PublishNotConfirmed(TransportError):
     """The broker did not confirm a publish (nack, unroutable return, or connection lost)."""
+
+
+class HandlerError(ChoreoError):
+    """A handler failed in one delivery after ``tries`` runs; ``error`` is the last exception.
+
+    ``permanent`` says whether retrying later could help (it could not for ``Reject``, for
+    exceptions declared permanent, or for exceptions outside the policy's ``retry_on``).
+    """
+
+    def __init__(self, error: BaseException, tries: int, *, permanent: bool) -> None:
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.error = error
+        self.tries = tries
+        self.permanent = permanent
 
 
 class MessageFault(ChoreoError):

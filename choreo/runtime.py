@@ -24,14 +24,25 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
-from .agent import Agent, AgentEnv, Context, HandlerSpec
+from .agent import Agent, AgentEnv, Context, Failure, HandlerSpec
 from .config import Settings
 from .envelope import Envelope, format_timestamp, parse_envelope
-from .errors import EventExpired, MalformedMessage, MessageFault, TransportError, UnknownEventType
+from .errors import (
+    ConfigError,
+    EventExpired,
+    FaultReason,
+    HandlerError,
+    MalformedMessage,
+    MessageFault,
+    Reject,
+    TransportError,
+    UnknownEventType,
+)
 from .events import Event
 from .ids import derived_id
 from .log import get_logger
 from .publisher import to_message
+from .retry import run_with_retries
 from .stores.base import DedupStore
 from .stores.sqlite import SQLiteDedupStore
 from .topology import Topology, agent_topology
@@ -48,6 +59,7 @@ AGENT = "x-choreo-agent"
 ATTEMPTS = "x-choreo-attempts"
 FAILED_AT = "x-choreo-failed-at"
 ORIGINAL_RK = "x-choreo-original-routing-key"
+DELAYED = "x-choreo-delayed-retries"
 _MAX_ERROR_CHARS = 500
 
 
@@ -58,6 +70,10 @@ class AgentStats:
     duplicates: int = 0
     emitted: int = 0
     requeued: int = 0
+    failed: int = 0  # deliveries whose handler failed after its in-process tries
+    retried_in_process: int = 0
+    retried_delayed: int = 0
+    compensated: int = 0  # failures answered with the handler's failure event
     dead_lettered: collections.Counter[str] = field(default_factory=collections.Counter)
 
     @property
@@ -88,14 +104,22 @@ class AgentRuntime(Generic[S]):
         settings: Settings,
         *,
         dedup: DedupStore | None = None,
-        lease_s: float = 30.0,
+        lease_s: float | None = None,
     ) -> None:
         self.agent = agent
         self.transport = transport
         self.settings = settings
         self.queues = settings.naming.agent_queues(agent.name)
         self.dedup: DedupStore = dedup or SQLiteDedupStore(settings.state_dir / f"{agent.name}.dedup.sqlite3")
-        self.lease_s = lease_s
+        # A claim must outlive the longest legitimate handling, or a slow replica's message
+        # could be taken over while it still runs; +30 s covers publishing and settling.
+        self.lease_s = lease_s if lease_s is not None else agent.worst_case_hold_s + 30.0
+        if self.lease_s * 1000 >= settings.consumer_timeout_ms:
+            raise ConfigError(
+                f"agent {agent.name!r} may hold a message {self.lease_s:.0f}s, beyond RabbitMQ's consumer_timeout "
+                f"({settings.consumer_timeout_ms / 1000:.0f}s): lower its retry attempts or timeout_s"
+            )
+        self._tiers_ms = tuple(round(t * 1000) for t in agent.retry_tiers_s)
         self.stats = AgentStats()
         self.state: S | None = None
         self._sub: Subscription | None = None
@@ -112,6 +136,7 @@ class AgentRuntime(Generic[S]):
             self.agent.handled_types,
             naming=self.settings.naming,
             delivery_limit=self.settings.delivery_limit,
+            retry_tiers_ms=self._tiers_ms,
         )
 
     async def is_attached(self) -> bool:
@@ -218,6 +243,8 @@ class AgentRuntime(Generic[S]):
     async def _claim(self, key: str) -> bool:
         """True when this delivery holds the claim; False when the key is already done."""
         backoff = 0.05
+        # A claim held elsewhere is waited out for at most one lease: by then it has expired.
+        deadline = asyncio.get_running_loop().time() + self.lease_s + 1.0
         while True:
             local = self._local_claims.get(key)
             if local is not None:  # the same key is being handled in this process: wait for it
@@ -230,27 +257,54 @@ class AgentRuntime(Generic[S]):
                 return False
             # Held by another replica (or a crashed one whose lease runs out): keep the message
             # unacked and look again, rather than requeueing into a hot loop.
+            if asyncio.get_running_loop().time() > deadline:
+                raise TransportError(f"dedup key {key!r} stayed claimed past its lease")
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
 
     async def _handle(self, delivery: Delivery, envelope: Envelope, spec: HandlerSpec, event: Event, key: str) -> None:
-        attempts = self._attempts(delivery)
-        ctx: Context[Any] = Context(self.agent.name, envelope, self.state, attempt=attempts)
-        try:
+        prior = self._prior_attempts(delivery)
+        ctx: Context[Any] = Context(self.agent.name, envelope, self.state, attempt=prior + 1)
+        policy = self.agent.policy_for(spec)
+
+        async def call() -> list[OutgoingMessage]:
             result = await spec.fn(event, ctx)
-            messages = self._emitted_messages(envelope, result)
-        except Exception as exc:
-            await self.dedup.release(self.agent.name, key)
+            try:
+                return self._emitted_messages(envelope, result)
+            except TypeError as exc:  # a wrong return type is a bug: retrying will not fix it
+                raise Reject(f"TypeError: {exc}") from exc
+
+        try:
+            messages, tries = await run_with_retries(call, policy)
+        except HandlerError as failure:
+            self.stats.failed += 1
             log.warning(
                 "handler failed",
                 agent=self.agent.name,
                 event_type=envelope.type,
                 event_id=envelope.id,
                 trace_id=envelope.trace_id,
-                error=repr(exc),
+                causation_id=envelope.causation_id,
+                tries=failure.tries,
+                permanent=failure.permanent,
+                error=repr(failure.error),
             )
-            await self._dead_letter(delivery, "handler_error", f"{type(exc).__name__}: {exc}")
+            await self._on_failure(
+                delivery,
+                envelope=envelope,
+                spec=spec,
+                event=event,
+                failure=failure,
+                key=key,
+                attempts=prior + failure.tries,
+            )
             return
+        self.stats.retried_in_process += tries - 1
+        if await self._publish_then_ack(delivery, key, messages):
+            self.stats.handled += 1
+
+    async def _publish_then_ack(self, delivery: Delivery, key: str, messages: list[OutgoingMessage]) -> bool:
+        """Publish ``messages`` (confirmed), mark ``key`` done, ack. False if not confirmed."""
         if messages:
             try:
                 await self.transport.publish_many(messages)
@@ -260,11 +314,53 @@ class AgentRuntime(Generic[S]):
                 await self.dedup.release(self.agent.name, key)
                 log.warning("emitted events not confirmed; requeueing", agent=self.agent.name, error=repr(exc))
                 await self._settle(delivery, requeue=True)
-                return
+                return False
         await self.dedup.complete(self.agent.name, key)
-        self.stats.handled += 1
         self.stats.emitted += len(messages)
         await self._settle(delivery)
+        return True
+
+    async def _on_failure(
+        self,
+        delivery: Delivery,
+        *,
+        envelope: Envelope,
+        spec: HandlerSpec,
+        event: Event,
+        failure: HandlerError,
+        key: str,
+        attempts: int,
+    ) -> None:
+        """Delayed retry if the failure is transient and the budget allows; otherwise the
+        handler's failure event (compensation) or the DLQ."""
+        policy = self.agent.policy_for(spec)
+        delayed = _int_header(delivery.headers.get(DELAYED))
+        budget = len(self._tiers_ms) if policy.delayed is None else policy.delayed
+        # A Reject's message is the handler's own explanation; other errors are named by type.
+        err = failure.error
+        error = str(err) if isinstance(err, Reject) else f"{type(err).__name__}: {err}"
+        if not failure.permanent and delayed < budget and self._tiers_ms:
+            await self.dedup.release(self.agent.name, key)  # the retry must be able to claim it
+            tier = self._tiers_ms[min(delayed, len(self._tiers_ms) - 1)]
+            if await self._move(
+                delivery, self.queues.retry(tier), {ATTEMPTS: attempts, DELAYED: delayed + 1, ERROR: error}
+            ):
+                self.stats.retried_delayed += 1
+            return
+        reason: FaultReason = "handler_error" if failure.permanent else "retries_exhausted"
+        if spec.on_failure is not None:
+            try:
+                failure_event = spec.on_failure(event, Failure(reason, error, attempts, envelope))
+                messages = self._emitted_messages(envelope, failure_event)
+            except Exception as exc:
+                error = f"{error}; on_failure raised {type(exc).__name__}: {exc}"
+            else:
+                # The claim is still ours: the failure event is this event's outcome.
+                if await self._publish_then_ack(delivery, key, messages):
+                    self.stats.compensated += 1
+                return
+        await self.dedup.release(self.agent.name, key)  # a replay from the DLQ must run again
+        await self._dead_letter(delivery, reason, error, attempts=attempts)
 
     def _emitted_messages(self, parent: Envelope, result: object) -> list[OutgoingMessage]:
         if result is None:
@@ -296,30 +392,22 @@ class AgentRuntime(Generic[S]):
             messages.append(to_message(envelope, self.settings.keyring, self.settings.naming.exchange))
         return messages
 
-    def _attempts(self, delivery: Delivery) -> int:
+    def _prior_attempts(self, delivery: Delivery) -> int:
+        """Handler runs before this delivery: counted in our header, plus the redeliveries the
+        quorum queue counted (``x-delivery-count``) after crashes or lost connections."""
         headers = delivery.headers
-        # x-delivery-count is set by quorum queues on redeliveries.
-        return _int_header(headers.get(ATTEMPTS)) + _int_header(headers.get("x-delivery-count")) + 1
+        return _int_header(headers.get(ATTEMPTS)) + _int_header(headers.get("x-delivery-count"))
 
-    async def _dead_letter(self, delivery: Delivery, reason: str, error: str) -> None:
-        """Publish to the agent's DLQ (confirmed), then ack the original. Body and signature
-        headers are kept unchanged so a replay is still verifiable."""
+    async def _move(self, delivery: Delivery, queue: str, extra: dict[str, HeaderValue]) -> bool:
+        """Publish the message, body and signature untouched, to ``queue`` with ``extra`` headers,
+        wait for the confirm, then ack the original. On failure the original is requeued."""
         headers: dict[str, HeaderValue] = dict(delivery.headers)  # type: ignore[arg-type]
-        original_rk = headers.get(ORIGINAL_RK) or delivery.routing_key
-        headers.update(
-            {
-                REASON: reason,
-                ERROR: error[:_MAX_ERROR_CHARS],
-                AGENT: self.agent.name,
-                ATTEMPTS: self._attempts(delivery),
-                FAILED_AT: format_timestamp(datetime.now(UTC)),
-                ORIGINAL_RK: original_rk,
-            }
-        )
         headers.pop("x-delivery-count", None)
+        headers.setdefault(ORIGINAL_RK, delivery.routing_key)
+        headers.update(extra)
         message = OutgoingMessage(
             exchange="",
-            routing_key=self.queues.dlq,
+            routing_key=queue,
             body=delivery.body,
             headers=headers,
             message_id=delivery.message_id,
@@ -328,13 +416,26 @@ class AgentRuntime(Generic[S]):
         try:
             await self.transport.publish(message)
         except TransportError as exc:
-            log.error("dead-letter publish failed; requeueing", agent=self.agent.name, reason=reason, error=repr(exc))
-            await asyncio.sleep(0.5)  # do not spin on a broker that refuses the DLQ publish
+            log.error("move not confirmed; requeueing", agent=self.agent.name, queue=queue, error=repr(exc))
+            await asyncio.sleep(0.5)  # do not spin on a broker that refuses the publish
             await self._settle(delivery, requeue=True)
-            return
-        self.stats.dead_lettered[reason] += 1
-        log.warning("dead-lettered", agent=self.agent.name, reason=reason, error=error[:200], routing_key=original_rk)
+            return False
         await self._settle(delivery)
+        return True
+
+    async def _dead_letter(self, delivery: Delivery, reason: str, error: str, *, attempts: int | None = None) -> None:
+        """Move to the agent's DLQ with the fault headers of the wire format; body and signature
+        headers stay unchanged so a replay is still verifiable."""
+        fault: dict[str, HeaderValue] = {
+            REASON: reason,
+            ERROR: error[:_MAX_ERROR_CHARS],
+            AGENT: self.agent.name,
+            ATTEMPTS: attempts if attempts is not None else self._prior_attempts(delivery) + 1,
+            FAILED_AT: format_timestamp(datetime.now(UTC)),
+        }
+        if await self._move(delivery, self.queues.dlq, fault):
+            self.stats.dead_lettered[reason] += 1
+            log.warning("dead-lettered", agent=self.agent.name, reason=reason, error=error[:200])
 
     async def _settle(self, delivery: Delivery, *, requeue: bool | None = None) -> None:
         try:

@@ -6,7 +6,10 @@ and the demo can run beside a real deployment):
 - ``E``: durable topic exchange, routing key = event type;
 - ``A``: durable quorum queue bound to ``E`` with each handled type; an explicit
   ``x-delivery-limit``; over the limit the broker dead-letters to ``A.dlq`` at-least-once;
-- ``A.dlq``: durable quorum queue holding messages that cannot be handled.
+- ``A.dlq``: durable quorum queue holding messages that cannot be handled;
+- ``A.retry.<tier>``: one durable quorum queue per delayed-retry tier with ``x-message-ttl``;
+  expired messages dead-letter (at-least-once) through the default exchange back into ``A``
+  only, never through the events exchange, so other agents never see a retry.
 """
 
 from __future__ import annotations
@@ -67,6 +70,13 @@ class AgentQueues:
     main: str
     dlq: str
 
+    def retry(self, tier_ms: int) -> str:
+        return f"{self.main}.retry.{tier_label(tier_ms)}"
+
+
+def tier_label(tier_ms: int) -> str:
+    return f"{tier_ms // 1000}s" if tier_ms % 1000 == 0 else f"{tier_ms}ms"
+
 
 def agent_topology(
     agent: str,
@@ -74,6 +84,7 @@ def agent_topology(
     *,
     naming: Naming | None = None,
     delivery_limit: int = DEFAULT_DELIVERY_LIMIT,
+    retry_tiers_ms: tuple[int, ...] = (),
 ) -> Topology:
     naming = naming or Naming()
     queues = naming.agent_queues(agent)
@@ -90,4 +101,18 @@ def agent_topology(
         bindings=tuple(sorted(set(handled_types))),
     )
     dlq = QueueSpec(name=queues.dlq, arguments={"x-queue-type": "quorum"})
-    return Topology(naming.exchange, (main, dlq))
+    tiers = tuple(
+        QueueSpec(
+            name=queues.retry(ms),
+            arguments={
+                "x-queue-type": "quorum",
+                "x-message-ttl": ms,
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": queues.main,
+                "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish",
+            },
+        )
+        for ms in retry_tiers_ms
+    )
+    return Topology(naming.exchange, (main, dlq, *tiers))

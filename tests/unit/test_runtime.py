@@ -111,7 +111,7 @@ def ping_agent(name: str, calls: list[int]) -> choreo.Agent[None]:
     async def on_ping(event: Ping, ctx: choreo.Context[None]) -> Any:
         calls.append(event.n)
         if event.n == -1:
-            raise ValueError("boom from the handler")
+            raise choreo.Reject("boom from the handler")  # permanent: dead-lettered at once
         if event.n == -2:
             return "not an event"
         return None
@@ -243,7 +243,7 @@ BAD_MESSAGES = [
     BadCase(payload_invalid, "schema", False, "payload of t.ping: n:"),
     BadCase(expired, "expired", False, "ttl_ms"),
     BadCase(unknown_type, "unknown_type", False, "t.note"),
-    BadCase(handler_raises, "handler_error", True, "ValueError: boom from the handler"),
+    BadCase(handler_raises, "handler_error", True, "boom from the handler"),
     BadCase(handler_returns_non_event, "handler_error", True, "TypeError: handler must return an Event"),
 ]
 

@@ -1,0 +1,90 @@
+"""Retry policy: what to retry, how often in process, and how a failure is classified.
+
+The path of a failing message:
+
+1. in process: up to ``attempts`` tries (tenacity, exponential backoff), each bounded by
+   ``timeout_s``, for exceptions classified as transient;
+2. broker-delayed: the message is re-published to the agent's TTL tier queue
+   ``<agent>.retry.<n>``, whose dead-letter target is the agent's **own** queue, so other
+   agents never see a retry; up to ``delayed`` times;
+3. then the DLQ (``retries_exhausted``), or the handler's failure event if it declared one.
+
+Permanent failures (``Reject``, exceptions listed in ``permanent``, or anything outside
+``retry_on``) skip steps 1-2 and go to the DLQ (``handler_error``) or the failure event at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import tenacity
+
+from .errors import ConfigError, HandlerError, Reject, Retry
+
+__all__ = ["DEFAULT_RETRY", "RetryPolicy", "run_with_retries"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    attempts: int = 3
+    """Tries per delivery, in process."""
+    backoff_s: float = 0.05
+    """Wait before the second in-process try; doubles each time up to ``max_backoff_s``."""
+    max_backoff_s: float = 1.0
+    delayed: int | None = None
+    """Broker-delayed retries after the in-process ones; None means one per retry tier."""
+    timeout_s: float = 30.0
+    """Bound on one handler run; a timeout counts as a transient failure."""
+    retry_on: tuple[type[BaseException], ...] = (Exception,)
+    permanent: tuple[type[BaseException], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ConfigError("RetryPolicy.attempts must be >= 1")
+        if self.timeout_s <= 0:
+            raise ConfigError("RetryPolicy.timeout_s must be > 0")
+        if self.delayed is not None and self.delayed < 0:
+            raise ConfigError("RetryPolicy.delayed must be >= 0")
+
+    def is_permanent(self, exc: BaseException) -> bool:
+        if isinstance(exc, Reject):
+            return True
+        if isinstance(exc, Retry | TimeoutError):
+            return False
+        return isinstance(exc, self.permanent) or not isinstance(exc, self.retry_on)
+
+    def worst_case_hold_s(self) -> float:
+        """Longest a delivery can stay unacked in process (all tries, timeouts and waits)."""
+        waits: float = sum(min(self.backoff_s * 2.0**i, self.max_backoff_s) for i in range(self.attempts - 1))
+        return self.attempts * self.timeout_s + waits
+
+
+DEFAULT_RETRY = RetryPolicy()
+
+
+async def run_with_retries(call: Callable[[], Awaitable[T]], policy: RetryPolicy) -> tuple[T, int]:
+    """Run ``call`` under ``policy``; return (result, tries) or raise :class:`HandlerError`."""
+    tries = 0
+
+    async def attempt() -> T:
+        nonlocal tries
+        tries += 1
+        async with asyncio.timeout(policy.timeout_s):
+            return await call()
+
+    retrying = tenacity.AsyncRetrying(
+        stop=tenacity.stop_after_attempt(policy.attempts),
+        wait=tenacity.wait_exponential(multiplier=policy.backoff_s, min=policy.backoff_s, max=policy.max_backoff_s),
+        retry=tenacity.retry_if_exception(lambda exc: not policy.is_permanent(exc)),
+        reraise=True,
+    )
+    try:
+        result: T = await retrying(attempt)
+    except Exception as exc:
+        raise HandlerError(exc, tries, permanent=policy.is_permanent(exc)) from exc
+    return result, tries
