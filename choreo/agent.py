@@ -49,6 +49,8 @@ class Context(Generic[S]):
     envelope: Envelope
     state: S
     attempt: int = 1
+    transaction: object | None = None
+    """The open database transaction of a transactional dedup store (see ``connection_of``)."""
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -105,6 +107,7 @@ class Agent(Generic[S]):
         version: str = "0",
         retry: RetryPolicy = DEFAULT_RETRY,
         retry_tiers_s: tuple[float, ...] = DEFAULT_RETRY_TIERS_S,
+        transactional: bool = False,
     ) -> None:
         if not name or any(c in name for c in " #*") or name.endswith(".dlq"):
             raise ConfigError(f"agent name {name!r} must be a plain queue name")
@@ -115,6 +118,8 @@ class Agent(Generic[S]):
         if any(t <= 0 for t in retry_tiers_s) or list(retry_tiers_s) != sorted(set(retry_tiers_s)):
             raise ConfigError(f"retry_tiers_s of {name!r} must be positive and increasing, got {retry_tiers_s}")
         self.retry_tiers_s = retry_tiers_s
+        # Its handlers write through ctx.transaction: the worker refuses to start without one.
+        self.transactional = transactional
         self._handlers: dict[str, HandlerSpec] = {}
         self._events = EventRegistry()
 

@@ -12,6 +12,9 @@
 | CHOREO_CLOCK_SKEW_MS | 5000 | tolerance added to ttl_ms before an event counts as expired |
 | CHOREO_SHUTDOWN_GRACE_S | 30 | how long shutdown waits for in-flight handlers |
 | CHOREO_CONSUMER_TIMEOUT_MS | 1800000 | the broker's consumer_timeout; no message is held unacked that long |
+| CHOREO_DEDUP_URL | sqlite: | dedup store: sqlite:[///path], postgresql://..., redis://..., memory: |
+| CHOREO_DEDUP_TRANSACTIONAL | 0 | PostgreSQL only: handler writes and dedup mark commit together |
+| CHOREO_DEDUP_RETENTION_S | 604800 | how long done keys are kept (duplicates later than this are not caught) |
 | CHOREO_SIGNING_KEYS etc. | | see :meth:`choreo.signing.Keyring.from_env` |
 """
 
@@ -56,6 +59,9 @@ class Settings:
     clock_skew_ms: int = 5000
     shutdown_grace_s: float = 30.0
     consumer_timeout_ms: int = 1_800_000
+    dedup_url: str = "sqlite:"
+    dedup_transactional: bool = False
+    dedup_retention_s: float = 7 * 86400.0
     keyring: Keyring = field(default_factory=Keyring)
 
     @classmethod
@@ -74,6 +80,9 @@ class Settings:
             clock_skew_ms=_int(env, "CHOREO_CLOCK_SKEW_MS", 5000),
             shutdown_grace_s=float(_int(env, "CHOREO_SHUTDOWN_GRACE_S", 30)),
             consumer_timeout_ms=_int(env, "CHOREO_CONSUMER_TIMEOUT_MS", 1_800_000, minimum=1000),
+            dedup_url=env.get("CHOREO_DEDUP_URL") or "sqlite:",
+            dedup_transactional=env.get("CHOREO_DEDUP_TRANSACTIONAL", "").lower() in {"1", "true", "yes"},
+            dedup_retention_s=float(_int(env, "CHOREO_DEDUP_RETENTION_S", 7 * 86400, minimum=1)),
             keyring=Keyring.from_env(env),
         )
         return replace(settings, **{k: v for k, v in overrides.items() if v is not None})

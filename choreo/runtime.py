@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -43,8 +44,8 @@ from .ids import derived_id
 from .log import get_logger
 from .publisher import to_message
 from .retry import run_with_retries
-from .stores.base import DedupStore
-from .stores.sqlite import SQLiteDedupStore
+from .stores import dedup_store_for
+from .stores.base import Claim, DedupStore
 from .topology import Topology, agent_topology
 from .transport.base import Delivery, HeaderValue, OutgoingMessage, Subscription, Transport
 
@@ -110,7 +111,7 @@ class AgentRuntime(Generic[S]):
         self.transport = transport
         self.settings = settings
         self.queues = settings.naming.agent_queues(agent.name)
-        self.dedup: DedupStore = dedup or SQLiteDedupStore(settings.state_dir / f"{agent.name}.dedup.sqlite3")
+        self.dedup: DedupStore = dedup or dedup_store_for(settings, agent.name)
         # A claim must outlive the longest legitimate handling, or a slow replica's message
         # could be taken over while it still runs; +30 s covers publishing and settling.
         self.lease_s = lease_s if lease_s is not None else agent.worst_case_hold_s + 30.0
@@ -127,6 +128,7 @@ class AgentRuntime(Generic[S]):
         self._idle = asyncio.Event()
         self._idle.set()
         self._local_claims: dict[str, asyncio.Future[None]] = {}
+        self._cleanup_task: asyncio.Task[None] | None = None
         self._skew = timedelta(milliseconds=settings.clock_skew_ms)
 
     @property
@@ -152,6 +154,13 @@ class AgentRuntime(Generic[S]):
             self.settings.state_dir.mkdir(parents=True, exist_ok=True)
             self.state = self.agent.state_factory(AgentEnv(self.agent.name, self.settings.state_dir))
         await self.dedup.open()
+        if self.agent.transactional and not getattr(self.dedup, "transactional", False):
+            await self.dedup.close()
+            raise ConfigError(
+                f"agent {self.agent.name!r} needs a transactional dedup store: "
+                "CHOREO_DEDUP_URL=postgresql://... with CHOREO_DEDUP_TRANSACTIONAL=1"
+            )
+        self._cleanup_task = asyncio.get_running_loop().create_task(self._cleanup_loop())
         await self.transport.declare(self.topology)
         self._sub = await self.transport.subscribe(self.queues.main, self._on_delivery, prefetch=self.settings.prefetch)
         log.info("agent started", agent=self.agent.name, queue=self.queues.main, handles=self.agent.handled_types)
@@ -171,6 +180,10 @@ class AgentRuntime(Generic[S]):
         except TimeoutError:
             finished = False
             log.warning("shutdown grace period over", agent=self.agent.name, in_flight=self._in_flight)
+        if self._cleanup_task is not None:
+            self._cleanup_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._cleanup_task
         await self.dedup.close()
         close = getattr(self.state, "close", None)
         if callable(close):
@@ -179,6 +192,17 @@ class AgentRuntime(Generic[S]):
                 await result
         log.info("agent stopped", agent=self.agent.name, **self._stats_fields())
         return finished
+
+    async def _cleanup_loop(self, every_s: float = 3600.0) -> None:
+        """Drop done dedup keys past the retention window, hourly."""
+        while True:
+            try:
+                removed = await self.dedup.cleanup(older_than_s=self.settings.dedup_retention_s)
+                if removed:
+                    log.info("dedup cleanup", agent=self.agent.name, removed=removed)
+            except Exception as exc:  # a store hiccup must not stop the worker
+                log.warning("dedup cleanup failed", agent=self.agent.name, error=repr(exc))
+            await asyncio.sleep(every_s)
 
     def _stats_fields(self) -> dict[str, Any]:
         s = self.stats
@@ -228,20 +252,22 @@ class AgentRuntime(Generic[S]):
             return
 
         key = envelope.effective_dedup_key
-        if not await self._claim(key):
+        claim = await self._claim(key)
+        if claim is None:
             self.stats.duplicates += 1
             await self._settle(delivery)
             return
         local = asyncio.get_running_loop().create_future()
         self._local_claims[key] = local
         try:
-            await self._handle(delivery, envelope, spec, event, key)
+            await self._handle(delivery, envelope, spec, event, claim)
         finally:
+            await claim.release()  # no-op once completed or released; frees it on any error
             del self._local_claims[key]
             local.set_result(None)
 
-    async def _claim(self, key: str) -> bool:
-        """True when this delivery holds the claim; False when the key is already done."""
+    async def _claim(self, key: str) -> Claim | None:
+        """The claim for ``key``, or None when the key is already done (a duplicate)."""
         backoff = 0.05
         # A claim held elsewhere is waited out for at most one lease: by then it has expired.
         deadline = asyncio.get_running_loop().time() + self.lease_s + 1.0
@@ -250,11 +276,11 @@ class AgentRuntime(Generic[S]):
             if local is not None:  # the same key is being handled in this process: wait for it
                 await local
                 continue
-            result = await self.dedup.claim(self.agent.name, key, lease_s=self.lease_s)
-            if result == "claimed":
-                return True
-            if result == "done":
-                return False
+            claim = await self.dedup.begin(self.agent.name, key, lease_s=self.lease_s)
+            if claim.status == "claimed":
+                return claim
+            if claim.status == "done":
+                return None
             # Held by another replica (or a crashed one whose lease runs out): keep the message
             # unacked and look again, rather than requeueing into a hot loop.
             if asyncio.get_running_loop().time() > deadline:
@@ -262,13 +288,18 @@ class AgentRuntime(Generic[S]):
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
 
-    async def _handle(self, delivery: Delivery, envelope: Envelope, spec: HandlerSpec, event: Event, key: str) -> None:
+    async def _handle(
+        self, delivery: Delivery, envelope: Envelope, spec: HandlerSpec, event: Event, claim: Claim
+    ) -> None:
         prior = self._prior_attempts(delivery)
-        ctx: Context[Any] = Context(self.agent.name, envelope, self.state, attempt=prior + 1)
+        ctx: Context[Any] = Context(
+            self.agent.name, envelope, self.state, attempt=prior + 1, transaction=claim.transaction
+        )
         policy = self.agent.policy_for(spec)
 
         async def call() -> list[OutgoingMessage]:
-            result = await spec.fn(event, ctx)
+            async with claim.attempt():
+                result = await spec.fn(event, ctx)
             try:
                 return self._emitted_messages(envelope, result)
             except TypeError as exc:  # a wrong return type is a bug: retrying will not fix it
@@ -295,27 +326,27 @@ class AgentRuntime(Generic[S]):
                 spec=spec,
                 event=event,
                 failure=failure,
-                key=key,
+                claim=claim,
                 attempts=prior + failure.tries,
             )
             return
         self.stats.retried_in_process += tries - 1
-        if await self._publish_then_ack(delivery, key, messages):
+        if await self._publish_then_ack(delivery, claim, messages):
             self.stats.handled += 1
 
-    async def _publish_then_ack(self, delivery: Delivery, key: str, messages: list[OutgoingMessage]) -> bool:
-        """Publish ``messages`` (confirmed), mark ``key`` done, ack. False if not confirmed."""
+    async def _publish_then_ack(self, delivery: Delivery, claim: Claim, messages: list[OutgoingMessage]) -> bool:
+        """Publish ``messages`` (confirmed), mark the claim done, ack. False if not confirmed."""
         if messages:
             try:
                 await self.transport.publish_many(messages)
             except TransportError as exc:
                 # Not confirmed: nothing is marked done, the message returns to the queue and the
                 # re-run re-emits the same ids, which downstream dedup absorbs.
-                await self.dedup.release(self.agent.name, key)
+                await claim.release()
                 log.warning("emitted events not confirmed; requeueing", agent=self.agent.name, error=repr(exc))
                 await self._settle(delivery, requeue=True)
                 return False
-        await self.dedup.complete(self.agent.name, key)
+        await claim.complete()
         self.stats.emitted += len(messages)
         await self._settle(delivery)
         return True
@@ -328,7 +359,7 @@ class AgentRuntime(Generic[S]):
         spec: HandlerSpec,
         event: Event,
         failure: HandlerError,
-        key: str,
+        claim: Claim,
         attempts: int,
     ) -> None:
         """Delayed retry if the failure is transient and the budget allows; otherwise the
@@ -340,7 +371,7 @@ class AgentRuntime(Generic[S]):
         err = failure.error
         error = str(err) if isinstance(err, Reject) else f"{type(err).__name__}: {err}"
         if not failure.permanent and delayed < budget and self._tiers_ms:
-            await self.dedup.release(self.agent.name, key)  # the retry must be able to claim it
+            await claim.release()  # the retry must be able to claim it
             tier = self._tiers_ms[min(delayed, len(self._tiers_ms) - 1)]
             if await self._move(
                 delivery, self.queues.retry(tier), {ATTEMPTS: attempts, DELAYED: delayed + 1, ERROR: error}
@@ -356,10 +387,10 @@ class AgentRuntime(Generic[S]):
                 error = f"{error}; on_failure raised {type(exc).__name__}: {exc}"
             else:
                 # The claim is still ours: the failure event is this event's outcome.
-                if await self._publish_then_ack(delivery, key, messages):
+                if await self._publish_then_ack(delivery, claim, messages):
                     self.stats.compensated += 1
                 return
-        await self.dedup.release(self.agent.name, key)  # a replay from the DLQ must run again
+        await claim.release()  # a replay from the DLQ must run again
         await self._dead_letter(delivery, reason, error, attempts=attempts)
 
     def _emitted_messages(self, parent: Envelope, result: object) -> list[OutgoingMessage]:

@@ -1,22 +1,54 @@
 """The dedup store interface: claim-then-commit with a lease, keyed by (agent, dedup_key).
 
 Contract:
-- :meth:`claim` returns ``"claimed"`` to exactly one caller at a time; others get ``"busy"``
-  while the lease runs, or ``"done"`` once the key is completed. An expired lease (its holder
-  crashed) can be claimed again.
-- :meth:`complete` marks the key done; it is called only after the handler succeeded and its
-  emitted events were confirmed, so "done" means "its effects exist".
-- :meth:`release` drops a claim after a failure so the message can be tried again.
-- Done keys are kept for the retention window, then :meth:`cleanup` removes them.
+- :meth:`DedupStore.claim` returns ``"claimed"`` to exactly one caller at a time; others get
+  ``"busy"`` while the lease runs, or ``"done"`` once the key is completed. An expired lease
+  (its holder crashed) can be claimed again, so another replica can take the message.
+- :meth:`DedupStore.complete` marks the key done; the runtime calls it only after the handler
+  succeeded and its emitted events were confirmed, so "done" means "its effects exist".
+- :meth:`DedupStore.release` drops a claim after a failure so the message can be tried again.
+- Done keys are kept for the retention window, then :meth:`DedupStore.cleanup` removes them.
+
+The runtime works through :meth:`DedupStore.begin`, which returns a :class:`Claim` for one
+message. Transactional stores (PostgreSQL with ``transactional=True``) return a claim that is
+an open database transaction: the handler writes through ``claim.transaction`` and its writes
+commit together with the dedup mark (a transactional inbox).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Literal, Protocol
 
-__all__ = ["ClaimResult", "DedupStore"]
+__all__ = ["Claim", "ClaimResult", "DedupStore", "LeaseClaim"]
 
 ClaimResult = Literal["claimed", "done", "busy"]
+
+
+class Claim(Protocol):
+    """One message's hold on its dedup key, from claim to outcome."""
+
+    @property
+    def status(self) -> ClaimResult: ...
+
+    @property
+    def transaction(self) -> object | None:
+        """The open database connection of a transactional store, else None."""
+        ...
+
+    def attempt(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Scope of one handler try: a savepoint in transactional stores, so a failed try's
+        writes are undone before the next one."""
+        ...
+
+    async def complete(self) -> None:
+        """Mark done (and commit the handler's writes, in a transactional store)."""
+        ...
+
+    async def release(self) -> None:
+        """Give the key up (and roll back, in a transactional store). Idempotent."""
+        ...
 
 
 class DedupStore(Protocol):
@@ -28,3 +60,46 @@ class DedupStore(Protocol):
     async def cleanup(self, *, older_than_s: float) -> int:
         """Delete done keys completed more than ``older_than_s`` ago; return how many."""
         ...
+
+    async def begin(self, agent: str, key: str, *, lease_s: float) -> Claim: ...
+
+
+class LeaseClaim:
+    """A :class:`Claim` over a store's claim / complete / release with a lease."""
+
+    __slots__ = ("_agent", "_key", "_settled", "_status", "_store")
+
+    def __init__(self, store: DedupStore, agent: str, key: str, status: ClaimResult) -> None:
+        self._store = store
+        self._agent = agent
+        self._key = key
+        self._status: ClaimResult = status
+        self._settled = status != "claimed"
+
+    @property
+    def status(self) -> ClaimResult:
+        return self._status
+
+    @property
+    def transaction(self) -> object | None:
+        return None
+
+    @contextlib.asynccontextmanager
+    async def attempt(self) -> AsyncIterator[None]:
+        yield
+
+    async def complete(self) -> None:
+        self._settled = True
+        await self._store.complete(self._agent, self._key)
+
+    async def release(self) -> None:
+        if not self._settled:
+            self._settled = True
+            await self._store.release(self._agent, self._key)
+
+
+class LeaseStoreMixin:
+    """Gives a store with claim/complete/release the :meth:`DedupStore.begin` method."""
+
+    async def begin(self: DedupStore, agent: str, key: str, *, lease_s: float) -> Claim:
+        return LeaseClaim(self, agent, key, await self.claim(agent, key, lease_s=lease_s))

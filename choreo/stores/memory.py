@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import time
 
-from .base import ClaimResult
+from .base import ClaimResult, LeaseStoreMixin
 
 __all__ = ["MemoryDedupStore"]
 
 
-class MemoryDedupStore:
+class MemoryDedupStore(LeaseStoreMixin):
     def __init__(self) -> None:
         # (agent, key) -> (done, lease_until or completed_at)
         self._rows: dict[tuple[str, str], tuple[bool, float]] = {}

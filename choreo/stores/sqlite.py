@@ -12,7 +12,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from .base import ClaimResult
+from .base import ClaimResult, LeaseStoreMixin
 
 __all__ = ["SQLiteDedupStore"]
 
@@ -29,7 +29,7 @@ CREATE INDEX IF NOT EXISTS choreo_dedup_done_at ON choreo_dedup (done, updated_a
 """
 
 
-class SQLiteDedupStore:
+class SQLiteDedupStore(LeaseStoreMixin):
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._db: sqlite3.Connection | None = None

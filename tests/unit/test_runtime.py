@@ -19,7 +19,7 @@ from choreo.errors import PublishNotConfirmed, SignatureInvalid
 from choreo.ids import derived_id
 from choreo.publisher import new_envelope, to_message
 from choreo.signing import ALG_HEADER, KID_HEADER, SIG_HEADER, Keyring
-from choreo.stores.base import ClaimResult, DedupStore
+from choreo.stores.base import ClaimResult, DedupStore, LeaseStoreMixin
 from choreo.testing import wait_for
 from choreo.topology import QueueSpec, Topology
 from choreo.transport import (
@@ -534,7 +534,7 @@ class FlakyTransport(InMemoryTransport):
         return await super().subscribe(queue, recording, prefetch=prefetch)
 
 
-class RecordingDedup:
+class RecordingDedup(LeaseStoreMixin):
     def __init__(self, inner: DedupStore, log: list[tuple[str, str, str]]) -> None:
         self._inner = inner
         self._log = log
