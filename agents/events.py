@@ -27,6 +27,7 @@ class OrderPlaced(Event, type="order.placed"):
 
 class InventoryReserved(Event, type="inventory.reserved"):
     order_id: str
+    customer_id: str = ""
     country: str
     total_cents: int
     currency: str

@@ -48,7 +48,11 @@ async def reserve(event: OrderPlaced, ctx: Context[InventoryDB]) -> InventoryRes
     if missing:
         return InventoryRejected(order_id=event.order_id, out_of_stock=missing)
     return InventoryReserved(
-        order_id=event.order_id, country=event.country, total_cents=event.total_cents, currency=event.currency
+        order_id=event.order_id,
+        customer_id=event.customer_id,
+        country=event.country,
+        total_cents=event.total_cents,
+        currency=event.currency,
     )
 
 

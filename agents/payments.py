@@ -1,11 +1,13 @@
 """payments: captures payment for reserved orders; refunds it when shipping fails.
 
-Rule: a payment is declined if ``total_cents`` > 50000. One charge per order, ever.
+Rules: a payment is declined if ``total_cents`` > 50000. One charge per order, ever.
+The card gateway refuses customers whose id starts with ``c-blocked``: that error is permanent,
+and the handler's failure event (``payment.failed``) lets inventory compensate, as a decline does.
 """
 
 from __future__ import annotations
 
-from choreo import Agent, Context
+from choreo import Agent, Context, Failure, RetryPolicy
 
 from ._db import AgentDB
 from .events import InventoryReserved, PaymentCaptured, PaymentFailed, PaymentRefunded, ShippingFailed
@@ -26,12 +28,31 @@ class PaymentsDB(AgentDB):
     """
 
 
-agent: Agent[PaymentsDB] = Agent("payments", state=PaymentsDB.for_agent, version="1")
+class GatewayRefusedError(Exception):
+    """The card gateway refused the customer: retrying cannot help."""
 
 
-@agent.on(InventoryReserved)
+agent: Agent[PaymentsDB] = Agent(
+    "payments", state=PaymentsDB.for_agent, version="1", retry=RetryPolicy(permanent=(GatewayRefusedError,))
+)
+
+
+def charge_card(customer_id: str, amount_cents: int) -> None:
+    """Stand-in for the card gateway call."""
+    if customer_id.startswith("c-blocked"):
+        raise GatewayRefusedError(f"gateway refused customer {customer_id}")
+
+
+def payment_error(event: InventoryReserved, failure: Failure) -> PaymentFailed:
+    """Compensation trigger: a capture that failed for good is a failed payment upstream."""
+    return PaymentFailed(order_id=event.order_id, reason=f"{failure.reason}: {failure.error}")
+
+
+@agent.on(InventoryReserved, on_failure=payment_error)
 async def capture(event: InventoryReserved, ctx: Context[PaymentsDB]) -> PaymentCaptured | PaymentFailed | None:
     declined = event.total_cents > DECLINE_ABOVE_CENTS
+    if not declined:
+        charge_card(event.customer_id, event.total_cents)
     with ctx.state.transaction() as db:
         row = db.execute("SELECT decided_by FROM charges WHERE order_id = ?", (event.order_id,)).fetchone()
         if row is not None and row[0] != ctx.event_id:

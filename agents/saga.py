@@ -25,7 +25,11 @@ from . import inventory, orders, payments, shipping
 from .events import InventoryReleased, Item, OrderCancelled, OrderCompleted, OrderPlaced, PaymentRefunded
 
 Outcome = Literal["completed", "out_of_stock", "payment_declined", "shipping_failed"]
+# A scenario is how an order is set up to go; several scenarios can end in the same outcome.
+Scenario = Literal["completed", "out_of_stock", "payment_declined", "shipping_failed", "gateway_refused"]
 OUTCOMES: tuple[Outcome, ...] = ("completed", "out_of_stock", "payment_declined", "shipping_failed")
+ALL_SCENARIOS: tuple[Scenario, ...] = (*OUTCOMES, "gateway_refused")
+OUTCOME_OF: dict[Scenario, Outcome] = {**{o: o for o in OUTCOMES}, "gateway_refused": "payment_declined"}
 SAGA_AGENTS: tuple[Agent[Any], ...] = (inventory.agent, payments.agent, shipping.agent, orders.agent)
 # Compensations each outcome calls for: (inventory.released, payment.refunded).
 EXPECTED_COMPENSATIONS: dict[Outcome, tuple[int, int]] = {
@@ -38,28 +42,35 @@ EXPECTED_COMPENSATIONS: dict[Outcome, tuple[int, int]] = {
 
 @dataclass(frozen=True)
 class OrderPlan:
-    expected: Outcome
+    scenario: Scenario
     event: OrderPlaced
 
     @property
     def order_id(self) -> str:
         return self.event.order_id
 
+    @property
+    def expected(self) -> Outcome:
+        return OUTCOME_OF[self.scenario]
 
-def plan_orders(n: int, *, seed: int = 7, run_id: str = "") -> list[OrderPlan]:
-    """``n`` orders mixing all four outcomes (each at least once when ``n`` >= 4)."""
+
+def plan_orders(
+    n: int, *, seed: int = 7, run_id: str = "", scenarios: tuple[Scenario, ...] = OUTCOMES
+) -> list[OrderPlan]:
+    """``n`` orders mixing ``scenarios`` (each at least once when ``n`` >= their number)."""
     rng = random.Random(seed)
     plans = []
     for i in range(n):
-        outcome = OUTCOMES[i % 4] if i < 4 else rng.choice(OUTCOMES)
+        outcome = scenarios[i] if i < len(scenarios) else rng.choice(scenarios)
         items = [Item(sku=f"sku-{rng.randrange(1000)}", qty=rng.randint(1, 3)) for _ in range(rng.randint(1, 3))]
         if outcome == "out_of_stock":
             items.append(Item(sku=f"oos-{rng.randrange(100)}", qty=1))
         total = rng.randint(60_000, 90_000) if outcome == "payment_declined" else rng.randint(500, 50_000)
         country = "XX" if outcome == "shipping_failed" else rng.choice(["DE", "FR", "NL", "US"])
+        blocked = "blocked-" if outcome == "gateway_refused" else ""
         event = OrderPlaced(
             order_id=f"o-{run_id}{i:06d}",
-            customer_id=f"c-{rng.randrange(10_000)}",
+            customer_id=f"c-{blocked}{rng.randrange(10_000)}",
             country=country,
             items=items,
             total_cents=total,
@@ -111,6 +122,7 @@ class SagaReport:
     refunds: int = 0
     duplicates_published: int = 0
     duplicates_suppressed: int = 0
+    compensated: dict[str, int] = field(default_factory=dict)  # failure events published, by agent
     dead_lettered: collections.Counter[str] = field(default_factory=collections.Counter)
     latencies_ms: list[float] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
@@ -219,6 +231,8 @@ async def run_saga(
     report.refunds = sum(len(v) for v in log.refunds.values())
     for runtime in worker.runtimes:
         report.duplicates_suppressed += runtime.stats.duplicates
+        if runtime.stats.compensated:
+            report.compensated[runtime.agent.name] = runtime.stats.compensated
         report.dead_lettered.update(runtime.stats.dead_lettered)
     if report.dead_lettered != expected_dead:
         report.problems.append(f"dead-lettered {dict(report.dead_lettered)}, expected {dict(expected_dead)}")

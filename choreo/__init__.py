@@ -4,13 +4,14 @@ Signed envelopes, idempotent agents, dead-letter queues and compensating events;
 README for a quickstart and ``docs/wire-format.md`` for the envelope.
 """
 
-from .agent import Agent, AgentEnv, Context, Emitted
+from .agent import Agent, AgentEnv, Context, Emitted, Failure
 from .config import Settings
 from .envelope import Envelope
 from .errors import (
     ChoreoError,
     ConfigError,
     EventExpired,
+    HandlerError,
     HandlerSignal,
     MalformedMessage,
     MessageFault,
@@ -25,6 +26,7 @@ from .errors import (
 )
 from .events import Event
 from .publisher import Publisher
+from .retry import RetryPolicy
 from .runtime import AgentRuntime, AgentStats
 from .signing import Keyring
 from .topology import Naming
@@ -44,6 +46,8 @@ __all__ = [
     "Envelope",
     "Event",
     "EventExpired",
+    "Failure",
+    "HandlerError",
     "HandlerSignal",
     "Keyring",
     "MalformedMessage",
@@ -53,6 +57,7 @@ __all__ = [
     "Publisher",
     "Reject",
     "Retry",
+    "RetryPolicy",
     "SchemaInvalid",
     "Settings",
     "SignatureInvalid",

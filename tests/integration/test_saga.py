@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Awaitable, Callable
 
-from agents.saga import EXPECTED_COMPENSATIONS, plan_orders, run_saga
+from agents.saga import ALL_SCENARIOS, EXPECTED_COMPENSATIONS, plan_orders, run_saga
 from choreo import Settings
 from choreo.transport import Transport
 
@@ -16,9 +16,11 @@ async def test_every_order_ends_exactly_once_with_its_compensations(
     transport_factory: Callable[[], Awaitable[Transport]], settings: Settings
 ) -> None:
     transport = await transport_factory()
-    plans = plan_orders(ORDERS, seed=11)
+    plans = plan_orders(ORDERS, seed=11, scenarios=ALL_SCENARIOS)
     expected = collections.Counter(p.expected for p in plans)
     assert set(expected) == {"completed", "out_of_stock", "payment_declined", "shipping_failed"}
+    refused = sum(p.scenario == "gateway_refused" for p in plans)
+    assert refused > 0
 
     report = await run_saga(transport, settings, plans, timeout_s=120)
 
@@ -33,3 +35,5 @@ async def test_every_order_ends_exactly_once_with_its_compensations(
     assert report.duplicates_suppressed >= report.duplicates_published
     assert dict(report.dead_lettered) == {"signature": 1, "malformed": 1}
     assert len(report.latencies_ms) == ORDERS
+    # Orders the card gateway refused were compensated through payments' failure event.
+    assert report.compensated == {"payments": refused}
