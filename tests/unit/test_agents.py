@@ -43,7 +43,7 @@ def placed(order_id: str = "o-1", *, sku: str = "sku-1", total: int = 1000, coun
 async def test_inventory_reserves_rejects_and_releases(tmp_path: Path) -> None:
     db = inventory.InventoryDB(tmp_path / "inv.sqlite3")
     assert await call(inventory.agent, placed("o-1"), state=db, event_id="e1") == [
-        InventoryReserved(order_id="o-1", country="DE", total_cents=1000, currency="EUR")
+        InventoryReserved(order_id="o-1", customer_id="c-1", country="DE", total_cents=1000, currency="EUR")
     ]
     assert await call(inventory.agent, placed("o-2", sku="oos-9"), state=db, event_id="e2") == [
         InventoryRejected(order_id="o-2", out_of_stock=["oos-9"])
@@ -82,6 +82,21 @@ async def test_payments_captures_once_declines_and_refunds(tmp_path: Path) -> No
     refund = await call(payments.agent, ShippingFailed(order_id="o-1", reason="x"), state=db, event_id="s1")
     assert refund == [PaymentRefunded(order_id="o-1", amount_cents=50_000, currency="EUR")]
     assert await call(payments.agent, ShippingFailed(order_id="o-2", reason="x"), state=db, event_id="s2") == []
+    db.close()
+
+
+async def test_payments_refused_card_is_permanent_and_maps_to_payment_failed(tmp_path: Path) -> None:
+    db = payments.PaymentsDB(tmp_path / "pay.sqlite3")
+    reserved = InventoryReserved(
+        order_id="o-9", customer_id="c-blocked-1", country="DE", total_cents=10, currency="EUR"
+    )
+    with pytest.raises(payments.GatewayRefusedError):
+        await call(payments.agent, reserved, state=db)
+    assert db.db.execute("SELECT COUNT(*) FROM charges").fetchone() == (0,)  # nothing captured
+    assert payments.agent.retry.is_permanent(payments.GatewayRefusedError("x"))
+    spec = payments.agent.handler_for("inventory.reserved")
+    assert spec is not None
+    assert spec.on_failure is payments.payment_error
     db.close()
 
 
