@@ -14,6 +14,7 @@
 | CHOREO_CONSUMER_TIMEOUT_MS | 1800000 | the broker's consumer_timeout; no message is held unacked that long |
 | CHOREO_DEDUP_URL | sqlite: | dedup store: sqlite:[///path], postgresql://..., redis://..., memory: |
 | CHOREO_DEDUP_TRANSACTIONAL | 0 | PostgreSQL only: handler writes and dedup mark commit together |
+| CHOREO_DEDUP_LEASE_S | 30 | claim lease, renewed while the handler runs; a crashed holder's claims free up after it |
 | CHOREO_DEDUP_RETENTION_S | 604800 | how long done keys are kept (duplicates later than this are not caught) |
 | CHOREO_SIGNING_KEYS etc. | | see :meth:`choreo.signing.Keyring.from_env` |
 """
@@ -62,6 +63,7 @@ class Settings:
     dedup_url: str = "sqlite:"
     dedup_transactional: bool = False
     dedup_retention_s: float = 7 * 86400.0
+    dedup_lease_s: float = 30.0
     keyring: Keyring = field(default_factory=Keyring)
 
     @classmethod
@@ -83,6 +85,7 @@ class Settings:
             dedup_url=env.get("CHOREO_DEDUP_URL") or "sqlite:",
             dedup_transactional=env.get("CHOREO_DEDUP_TRANSACTIONAL", "").lower() in {"1", "true", "yes"},
             dedup_retention_s=float(_int(env, "CHOREO_DEDUP_RETENTION_S", 7 * 86400, minimum=1)),
+            dedup_lease_s=float(_int(env, "CHOREO_DEDUP_LEASE_S", 30, minimum=1)),
             keyring=Keyring.from_env(env),
         )
         return replace(settings, **{k: v for k, v in overrides.items() if v is not None})

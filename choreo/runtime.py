@@ -112,12 +112,13 @@ class AgentRuntime(Generic[S]):
         self.settings = settings
         self.queues = settings.naming.agent_queues(agent.name)
         self.dedup: DedupStore = dedup or dedup_store_for(settings, agent.name)
-        # A claim must outlive the longest legitimate handling, or a slow replica's message
-        # could be taken over while it still runs; +30 s covers publishing and settling.
-        self.lease_s = lease_s if lease_s is not None else agent.worst_case_hold_s + 30.0
-        if self.lease_s * 1000 >= settings.consumer_timeout_ms:
+        # Short leases, renewed every third of a lease while a handler runs (see _renew_leases):
+        # a slow handler keeps its claim, a crashed worker's claims free up within one lease.
+        self.lease_s = lease_s if lease_s is not None else settings.dedup_lease_s
+        hold_s = agent.worst_case_hold_s + 30.0  # + publishing and settling
+        if hold_s * 1000 >= settings.consumer_timeout_ms:
             raise ConfigError(
-                f"agent {agent.name!r} may hold a message {self.lease_s:.0f}s, beyond RabbitMQ's consumer_timeout "
+                f"agent {agent.name!r} may hold a message {hold_s:.0f}s, beyond RabbitMQ's consumer_timeout "
                 f"({settings.consumer_timeout_ms / 1000:.0f}s): lower its retry attempts or timeout_s"
             )
         self._tiers_ms = tuple(round(t * 1000) for t in agent.retry_tiers_s)
@@ -129,6 +130,8 @@ class AgentRuntime(Generic[S]):
         self._idle.set()
         self._local_claims: dict[str, asyncio.Future[None]] = {}
         self._cleanup_task: asyncio.Task[None] | None = None
+        self._renew_task: asyncio.Task[None] | None = None
+        self._held: dict[str, Claim] = {}  # claims of handlers running now, renewed by _renew_leases
         self._skew = timedelta(milliseconds=settings.clock_skew_ms)
 
     @property
@@ -161,6 +164,7 @@ class AgentRuntime(Generic[S]):
                 "CHOREO_DEDUP_URL=postgresql://... with CHOREO_DEDUP_TRANSACTIONAL=1"
             )
         self._cleanup_task = asyncio.get_running_loop().create_task(self._cleanup_loop())
+        self._renew_task = asyncio.get_running_loop().create_task(self._renew_leases())
         await self.transport.declare(self.topology)
         self._sub = await self.transport.subscribe(self.queues.main, self._on_delivery, prefetch=self.settings.prefetch)
         log.info("agent started", agent=self.agent.name, queue=self.queues.main, handles=self.agent.handled_types)
@@ -180,10 +184,11 @@ class AgentRuntime(Generic[S]):
         except TimeoutError:
             finished = False
             log.warning("shutdown grace period over", agent=self.agent.name, in_flight=self._in_flight)
-        if self._cleanup_task is not None:
-            self._cleanup_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._cleanup_task
+        for task in (self._cleanup_task, self._renew_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.dedup.close()
         close = getattr(self.state, "close", None)
         if callable(close):
@@ -192,6 +197,15 @@ class AgentRuntime(Generic[S]):
                 await result
         log.info("agent stopped", agent=self.agent.name, **self._stats_fields())
         return finished
+
+    async def _renew_leases(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            for claim in list(self._held.values()):
+                try:
+                    await claim.extend(self.lease_s)
+                except Exception as exc:  # the next renewal may succeed; the lease has slack
+                    log.warning("lease renewal failed", agent=self.agent.name, error=repr(exc))
 
     async def _cleanup_loop(self, every_s: float = 3600.0) -> None:
         """Drop done dedup keys past the retention window, hourly."""
@@ -259,9 +273,11 @@ class AgentRuntime(Generic[S]):
             return
         local = asyncio.get_running_loop().create_future()
         self._local_claims[key] = local
+        self._held[key] = claim
         try:
             await self._handle(delivery, envelope, spec, event, claim)
         finally:
+            del self._held[key]
             await claim.release()  # no-op once completed or released; frees it on any error
             del self._local_claims[key]
             local.set_result(None)
@@ -269,8 +285,9 @@ class AgentRuntime(Generic[S]):
     async def _claim(self, key: str) -> Claim | None:
         """The claim for ``key``, or None when the key is already done (a duplicate)."""
         backoff = 0.05
-        # A claim held elsewhere is waited out for at most one lease: by then it has expired.
-        deadline = asyncio.get_running_loop().time() + self.lease_s + 1.0
+        # A claim held elsewhere ends within the holder's longest handling (it renews its lease
+        # meanwhile) or one lease after the holder died; wait no longer than that.
+        deadline = asyncio.get_running_loop().time() + self.agent.worst_case_hold_s + self.lease_s + 1.0
         while True:
             local = self._local_claims.get(key)
             if local is not None:  # the same key is being handled in this process: wait for it

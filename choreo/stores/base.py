@@ -7,6 +7,8 @@ Contract:
 - :meth:`DedupStore.complete` marks the key done; the runtime calls it only after the handler
   succeeded and its emitted events were confirmed, so "done" means "its effects exist".
 - :meth:`DedupStore.release` drops a claim after a failure so the message can be tried again.
+- :meth:`DedupStore.extend` renews a claim's lease while its handler still runs, so leases
+  can be short (a crashed holder's claim expires soon) whatever the handler's duration.
 - Done keys are kept for the retention window, then :meth:`DedupStore.cleanup` removes them.
 
 The runtime works through :meth:`DedupStore.begin`, which returns a :class:`Claim` for one
@@ -46,6 +48,10 @@ class Claim(Protocol):
         """Mark done (and commit the handler's writes, in a transactional store)."""
         ...
 
+    async def extend(self, lease_s: float) -> None:
+        """Renew the lease while the handler runs (a no-op for lock-based claims)."""
+        ...
+
     async def release(self) -> None:
         """Give the key up (and roll back, in a transactional store). Idempotent."""
         ...
@@ -57,6 +63,7 @@ class DedupStore(Protocol):
     async def claim(self, agent: str, key: str, *, lease_s: float) -> ClaimResult: ...
     async def complete(self, agent: str, key: str) -> None: ...
     async def release(self, agent: str, key: str) -> None: ...
+    async def extend(self, agent: str, key: str, *, lease_s: float) -> None: ...
     async def cleanup(self, *, older_than_s: float) -> int:
         """Delete done keys completed more than ``older_than_s`` ago; return how many."""
         ...
@@ -96,6 +103,10 @@ class LeaseClaim:
         if not self._settled:
             self._settled = True
             await self._store.release(self._agent, self._key)
+
+    async def extend(self, lease_s: float) -> None:
+        if not self._settled:
+            await self._store.extend(self._agent, self._key, lease_s=lease_s)
 
 
 class LeaseStoreMixin:

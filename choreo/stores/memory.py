@@ -40,6 +40,11 @@ class MemoryDedupStore(LeaseStoreMixin):
         if row is not None and not row[0]:
             del self._rows[(agent, key)]
 
+    async def extend(self, agent: str, key: str, *, lease_s: float) -> None:
+        row = self._rows.get((agent, key))
+        if row is not None and not row[0]:
+            self._rows[(agent, key)] = (False, time.time() + lease_s)
+
     async def cleanup(self, *, older_than_s: float) -> int:
         cutoff = time.time() - older_than_s
         stale = [k for k, (done, at) in self._rows.items() if done and at < cutoff]

@@ -120,6 +120,15 @@ class PostgresDedupStore(LeaseStoreMixin):
     async def release(self, agent: str, key: str) -> None:
         await self.pool.execute(f"DELETE FROM {self.table} WHERE agent = $1 AND key = $2 AND NOT done", agent, key)
 
+    async def extend(self, agent: str, key: str, *, lease_s: float) -> None:
+        await self.pool.execute(
+            f"UPDATE {self.table} SET lease_until = now() + make_interval(secs => $3), updated_at = now() "
+            "WHERE agent = $1 AND key = $2 AND NOT done",
+            agent,
+            key,
+            lease_s,
+        )
+
     async def cleanup(self, *, older_than_s: float) -> int:
         result = await self.pool.execute(
             f"DELETE FROM {self.table} WHERE done AND updated_at < now() - make_interval(secs => $1)", older_than_s
@@ -213,6 +222,9 @@ class _TxClaim:
             await self._tx.commit()
         finally:
             await self._finish()
+
+    async def extend(self, lease_s: float) -> None:
+        return None  # the row lock lasts as long as the transaction: nothing to renew
 
     async def release(self) -> None:
         if self._conn is None:

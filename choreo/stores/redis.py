@@ -22,6 +22,11 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+# Renew the lease only while the key still holds our claim token.
+_EXTEND = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
 # Mark done unless another holder's claim replaced ours (then its outcome decides).
 _COMPLETE = """
 local v = redis.call('GET', KEYS[1])
@@ -80,6 +85,11 @@ class RedisDedupStore(LeaseStoreMixin):
         token = self._tokens.pop((agent, key), None)
         if token is not None:
             await self.client.eval(_RELEASE, 1, self._key(agent, key), token)
+
+    async def extend(self, agent: str, key: str, *, lease_s: float) -> None:
+        token = self._tokens.get((agent, key))
+        if token is not None:
+            await self.client.eval(_EXTEND, 1, self._key(agent, key), token, max(1, int(lease_s * 1000)))
 
     async def cleanup(self, *, older_than_s: float) -> int:
         return 0  # done marks expire by themselves after the retention window

@@ -84,6 +84,13 @@ class SQLiteDedupStore(LeaseStoreMixin):
     async def release(self, agent: str, key: str) -> None:
         self.db.execute("DELETE FROM choreo_dedup WHERE agent = ? AND key = ? AND done = 0", (agent, key))
 
+    async def extend(self, agent: str, key: str, *, lease_s: float) -> None:
+        now = time.time()
+        self.db.execute(
+            "UPDATE choreo_dedup SET lease_until = ?, updated_at = ? WHERE agent = ? AND key = ? AND done = 0",
+            (now + lease_s, now, agent, key),
+        )
+
     async def cleanup(self, *, older_than_s: float) -> int:
         cur = self.db.execute(
             "DELETE FROM choreo_dedup WHERE done = 1 AND updated_at < ?", (time.time() - older_than_s,)

@@ -132,6 +132,19 @@ async def test_replicas_share_claims_and_an_expired_lease_can_be_taken_over(stor
     assert await first.claim("a", "k", lease_s=30) == "done"
 
 
+async def test_an_extended_lease_is_not_taken_over(store_factory: StoreFactory) -> None:
+    holder, other = await opened(store_factory), await opened(store_factory)
+    claim = await holder.begin("a", "k", lease_s=0.4)
+    assert claim.status == "claimed"
+    deadline = asyncio.get_running_loop().time() + 1.2  # three original leases
+    while asyncio.get_running_loop().time() < deadline:
+        await claim.extend(0.4)
+        assert await other.claim("a", "k", lease_s=30) == "busy"
+        await asyncio.sleep(0.1)  # the renewal period under test, not a wait for a condition
+    await claim.complete()
+    assert await other.claim("a", "k", lease_s=30) == "done"
+
+
 async def test_exactly_one_of_many_concurrent_claims_wins(store_factory: StoreFactory) -> None:
     stores = [await opened(store_factory) for _ in range(4)]
     results = await asyncio.gather(*(s.claim("a", "race", lease_s=30) for s in stores for _ in range(5)))
