@@ -9,20 +9,29 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import random
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from choreo import Agent, Context, Keyring, Publisher, Settings, Worker
 from choreo.envelope import Envelope
+from choreo.errors import TransportError
 from choreo.publisher import new_envelope, to_message
-from choreo.runtime import AgentRuntime
 from choreo.transport.base import Transport
 
 from . import inventory, orders, payments, shipping
-from .events import InventoryReleased, Item, OrderCancelled, OrderCompleted, OrderPlaced, PaymentRefunded
+from .events import (
+    InventoryReleased,
+    Item,
+    OrderCancelled,
+    OrderCompleted,
+    OrderPlaced,
+    PaymentCaptured,
+    PaymentRefunded,
+)
 
 Outcome = Literal["completed", "out_of_stock", "payment_declined", "shipping_failed"]
 # A scenario is how an order is set up to go; several scenarios can end in the same outcome.
@@ -38,6 +47,9 @@ EXPECTED_COMPENSATIONS: dict[Outcome, tuple[int, int]] = {
     "payment_declined": (1, 0),
     "shipping_failed": (1, 1),
 }
+
+# Payments captured per outcome: once for orders that reached shipping, never otherwise.
+CAPTURES: dict[Outcome, int] = {"completed": 1, "out_of_stock": 0, "payment_declined": 0, "shipping_failed": 1}
 
 
 @dataclass(frozen=True)
@@ -86,6 +98,7 @@ class AuditLog:
 
     terminals: dict[str, dict[str, str]] = field(default_factory=lambda: collections.defaultdict(dict))
     releases: dict[str, set[str]] = field(default_factory=lambda: collections.defaultdict(set))
+    captures: dict[str, set[str]] = field(default_factory=lambda: collections.defaultdict(set))
     refunds: dict[str, set[str]] = field(default_factory=lambda: collections.defaultdict(set))
     ended_at: dict[str, float] = field(default_factory=dict)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -106,6 +119,10 @@ def auditor_agent(log: AuditLog, name: str = "auditor") -> Agent[AuditLog]:
     async def released(event: InventoryReleased, ctx: Context[AuditLog]) -> None:
         ctx.state.releases[event.order_id].add(ctx.event_id)
 
+    @agent.on(PaymentCaptured)
+    async def captured(event: PaymentCaptured, ctx: Context[AuditLog]) -> None:
+        ctx.state.captures[event.order_id].add(ctx.event_id)
+
     @agent.on(PaymentRefunded)
     async def refunded(event: PaymentRefunded, ctx: Context[AuditLog]) -> None:
         ctx.state.refunds[event.order_id].add(ctx.event_id)
@@ -120,6 +137,7 @@ class SagaReport:
     cancelled: collections.Counter[str] = field(default_factory=collections.Counter)
     releases: int = 0
     refunds: int = 0
+    captures: int = 0
     duplicates_published: int = 0
     duplicates_suppressed: int = 0
     compensated: dict[str, int] = field(default_factory=dict)  # failure events published, by agent
@@ -159,6 +177,9 @@ def verify(plans: Sequence[OrderPlan], log: AuditLog) -> list[str]:
         got = (len(log.releases.get(oid, ())), len(log.refunds.get(oid, ())))
         if got != want:
             problems.append(f"{oid} ({plan.expected}): releases/refunds {got}, expected {want}")
+        captures = len(log.captures.get(oid, ()))
+        if captures != CAPTURES[plan.expected]:
+            problems.append(f"{oid} ({plan.expected}): captured {captures} times, expected {CAPTURES[plan.expected]}")
     return problems
 
 
@@ -173,6 +194,142 @@ def bad_messages(keyring: Keyring, exchange: str) -> list[tuple[str, Any]]:
     return [("signature", tampered), ("malformed", garbage)]
 
 
+class SagaRun:
+    """One run of the saga, observed by an auditor agent in this process.
+
+    ``in_process=True`` also runs the four saga agents here (demo, end-to-end tests); with
+    False they run elsewhere, e.g. as ``choreo worker`` processes (chaos tests), and only
+    what the auditor and the broker show is checked.
+    """
+
+    def __init__(
+        self, transport: Transport, settings: Settings, plans: Sequence[OrderPlan], *, in_process: bool = True
+    ) -> None:
+        self.transport = transport
+        self.settings = settings
+        self.plans = list(plans)
+        self.in_process = in_process
+        self.log = AuditLog()
+        agents: list[Agent[Any]] = [*SAGA_AGENTS] if in_process else []
+        self.worker = Worker([*agents, auditor_agent(self.log)], settings=settings, transport=transport)
+        self.report = SagaReport(orders=len(plans))
+        self.sent_at: dict[str, float] = {}
+        self.expected_dead: collections.Counter[str] = collections.Counter()
+        self._started = 0.0
+
+    async def __aenter__(self) -> SagaRun:
+        await self.worker.start()
+        self._started = time.monotonic()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.worker.stop()
+
+    async def publish_all(self, *, duplicate_every: int = 20, inject_bad: bool = True, window: int = 100) -> None:
+        """Publish every plan's order (in confirmed windows), some duplicates and bad messages.
+
+        A publish the broker did not confirm (connections dropped mid-run) is sent again with
+        the same envelope: at-least-once from the shop, exactly-once effects through dedup.
+        """
+        publisher = Publisher(transport=self.transport, settings=self.settings, source="demo-shop")
+        envelopes = [
+            new_envelope("order.placed", p.event.model_dump(mode="json"), source="demo-shop") for p in self.plans
+        ]
+        for start in range(0, len(envelopes), window):
+            batch = list(zip(self.plans[start : start + window], envelopes[start : start + window], strict=True))
+            for plan, _ in batch:
+                self.sent_at[plan.order_id] = time.monotonic()
+            await asyncio.gather(*(self._publish_until_confirmed(publisher, env) for _, env in batch))
+        if duplicate_every:
+            for env in envelopes[::duplicate_every]:
+                await self._publish_until_confirmed(publisher, env)
+                self.report.duplicates_published += 1
+        if inject_bad:
+            for reason, message in bad_messages(self.settings.keyring, self.settings.naming.exchange):
+                await self.transport.publish(message)
+                self.expected_dead[reason] += 1
+
+    async def _publish_until_confirmed(self, publisher: Publisher, envelope: Envelope, attempts: int = 60) -> None:
+        for attempt in range(attempts):
+            try:
+                await publisher.publish_envelope(envelope)
+                return
+            except TransportError:
+                if attempt == attempts - 1:
+                    raise
+                await asyncio.sleep(0.5)  # the robust connection is reconnecting
+
+    async def wait(self, timeout_s: float = 120.0, on_progress: Callable[[int], None] | None = None) -> None:
+        """Until every order ended and the system is quiet, or ``timeout_s``; verify() tells which."""
+        order_ids = [p.order_id for p in self.plans]
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    ended = self.ended
+                    if on_progress:
+                        on_progress(ended)
+                    if ended == len(order_ids) and not verify(self.plans, self.log) and await self._quiet():
+                        break
+                    self.log.changed.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(0.2):
+                            await self.log.changed.wait()
+        self.report.elapsed_s = time.monotonic() - self._started
+
+    @property
+    def ended(self) -> int:
+        return sum(1 for p in self.plans if p.order_id in self.log.terminals)
+
+    def queues(self) -> list[str]:
+        names = []
+        for agent in (*SAGA_AGENTS, self.worker.runtimes[-1].agent):
+            queues = self.settings.naming.agent_queues(agent.name)
+            names.append(queues.main)
+            names.extend(queues.retry(round(t * 1000)) for t in agent.retry_tiers_s)
+        return names
+
+    async def _quiet(self) -> bool:
+        """Nothing queued anywhere and no handler running here, three looks in a row."""
+        for _ in range(3):
+            if any(r.in_flight for r in self.worker.runtimes):
+                return False
+            for queue in self.queues():
+                if await self.transport.queue_depth(queue):
+                    return False
+            await asyncio.sleep(0.1)
+        return True
+
+    def finish(self) -> SagaReport:
+        """The report; call after the run stopped."""
+        report, log = self.report, self.log
+        report.problems = verify(self.plans, log)
+        for plan in self.plans:
+            for outcome in log.terminals.get(plan.order_id, {}).values():
+                if outcome == "completed":
+                    report.completed += 1
+                else:
+                    report.cancelled[outcome] += 1
+            if plan.order_id in log.ended_at:
+                report.latencies_ms.append((log.ended_at[plan.order_id] - self.sent_at[plan.order_id]) * 1000)
+        report.releases = sum(len(v) for v in log.releases.values())
+        report.refunds = sum(len(v) for v in log.refunds.values())
+        report.captures = sum(len(v) for v in log.captures.values())
+        if not self.in_process:
+            return report  # the agents' own counters live in their processes
+        for runtime in self.worker.runtimes:
+            report.duplicates_suppressed += runtime.stats.duplicates
+            if runtime.stats.compensated:
+                report.compensated[runtime.agent.name] = runtime.stats.compensated
+            report.dead_lettered.update(runtime.stats.dead_lettered)
+        if report.dead_lettered != self.expected_dead:
+            report.problems.append(f"dead-lettered {dict(report.dead_lettered)}, expected {dict(self.expected_dead)}")
+        if report.duplicates_suppressed < report.duplicates_published:
+            report.problems.append(
+                f"{report.duplicates_published} duplicates published but only {report.duplicates_suppressed} suppressed"
+            )
+        return report
+
+
 async def run_saga(
     transport: Transport,
     settings: Settings,
@@ -183,97 +340,10 @@ async def run_saga(
     timeout_s: float = 120.0,
     on_progress: Callable[[int], None] | None = None,
 ) -> SagaReport:
-    """Start the four agents and an auditor on ``transport``, publish ``plans``, wait until
-    every order ended and the system is quiet, then verify. The transport must be connected."""
-    log = AuditLog()
-    worker = Worker([*SAGA_AGENTS, auditor_agent(log)], settings=settings, transport=transport)
-    report = SagaReport(orders=len(plans))
-    await worker.start()
-    started = time.monotonic()
-    try:
-        publisher = Publisher(transport=transport, settings=settings, source="demo-shop")
-        sent_at: dict[str, float] = {}
-        envelopes: list[Envelope] = []
-        window: list[Coroutine[Any, Any, Envelope]] = []
-        for plan in plans:
-            sent_at[plan.order_id] = time.monotonic()
-            window.append(publisher.publish(plan.event))
-            if len(window) >= 100:
-                envelopes.extend(await asyncio.gather(*window))
-                window = []
-        envelopes.extend(await asyncio.gather(*window))
-        # Re-publish some events byte-for-byte identical ids: dedup must absorb them.
-        if duplicate_every:
-            for env in envelopes[::duplicate_every]:
-                await publisher.publish_envelope(env)
-                report.duplicates_published += 1
-        expected_dead: collections.Counter[str] = collections.Counter()
-        if inject_bad:
-            for reason, message in bad_messages(settings.keyring, settings.naming.exchange):
-                await transport.publish(message)
-                expected_dead[reason] += 1
-
-        await _wait_until_done(worker, plans, log, timeout_s, on_progress)
-        report.elapsed_s = time.monotonic() - started
-    finally:
-        await worker.stop()
-
-    report.problems = verify(plans, log)
-    for plan in plans:
-        for outcome in log.terminals.get(plan.order_id, {}).values():
-            if outcome == "completed":
-                report.completed += 1
-            else:
-                report.cancelled[outcome] += 1
-        if plan.order_id in log.ended_at:
-            report.latencies_ms.append((log.ended_at[plan.order_id] - sent_at[plan.order_id]) * 1000)
-    report.releases = sum(len(v) for v in log.releases.values())
-    report.refunds = sum(len(v) for v in log.refunds.values())
-    for runtime in worker.runtimes:
-        report.duplicates_suppressed += runtime.stats.duplicates
-        if runtime.stats.compensated:
-            report.compensated[runtime.agent.name] = runtime.stats.compensated
-        report.dead_lettered.update(runtime.stats.dead_lettered)
-    if report.dead_lettered != expected_dead:
-        report.problems.append(f"dead-lettered {dict(report.dead_lettered)}, expected {dict(expected_dead)}")
-    if report.duplicates_suppressed < report.duplicates_published:
-        report.problems.append(
-            f"{report.duplicates_published} duplicates published but only {report.duplicates_suppressed} suppressed"
-        )
-    return report
-
-
-async def _wait_until_done(
-    worker: Worker,
-    plans: Sequence[OrderPlan],
-    log: AuditLog,
-    timeout_s: float,
-    on_progress: Callable[[int], None] | None,
-) -> None:
-    order_ids = [p.order_id for p in plans]
-    try:
-        async with asyncio.timeout(timeout_s):
-            while True:
-                ended = sum(1 for oid in order_ids if oid in log.terminals)
-                if on_progress:
-                    on_progress(ended)
-                if ended == len(order_ids) and await _quiet(worker.runtimes):
-                    return
-                log.changed.clear()
-                try:
-                    async with asyncio.timeout(0.2):
-                        await log.changed.wait()
-                except TimeoutError:
-                    pass
-    except TimeoutError:
-        return  # verify() reports the orders that did not end
-
-
-async def _quiet(runtimes: Sequence[AgentRuntime[Any]]) -> bool:
-    """No handler running and every agent queue empty, twice in a row (late compensations)."""
-    for _ in range(2):
-        for runtime in runtimes:
-            if runtime.in_flight or await runtime.transport.queue_depth(runtime.queues.main):
-                return False
-        await asyncio.sleep(0.05)
-    return True
+    """Run the four agents and an auditor here, publish ``plans``, wait until every order ended
+    and the system is quiet, then verify. The transport must be connected."""
+    run = SagaRun(transport, settings, plans)
+    async with run:
+        await run.publish_all(duplicate_every=duplicate_every, inject_bad=inject_bad)
+        await run.wait(timeout_s, on_progress)
+    return run.finish()
