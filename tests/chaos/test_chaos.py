@@ -1,0 +1,213 @@
+"""Chaos on the real broker with separate worker processes: kill -9, dropped connections,
+duplicates across competing replicas. Nothing may be lost, nothing done twice."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import sqlite3
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from agents.saga import ALL_SCENARIOS, SAGA_AGENTS, SagaRun, plan_orders
+from choreo import Settings
+from choreo.publisher import new_envelope, to_message
+from choreo.runtime import AgentRuntime
+from choreo.testing import wait_for
+from choreo.topology import QueueSpec, Topology
+from choreo.transport.rabbitmq import RabbitMQTransport
+
+from ..conftest import SECRET
+
+pytestmark = pytest.mark.rabbitmq
+
+
+class WorkerProcess:
+    """``choreo worker SPEC`` as a child process, logging to a file."""
+
+    def __init__(self, spec: str, env: dict[str, str], log: Path) -> None:
+        self.spec = spec
+        self.env = env
+        self.log = log
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        offset = self.log.stat().st_size if self.log.exists() else 0
+        handle = self.log.open("ab")
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "choreo", "worker", self.spec, env=self.env, stdout=handle, stderr=handle
+        )
+        handle.close()
+
+        def ready() -> bool:
+            with self.log.open("rb") as f:
+                f.seek(offset)
+                return b"worker ready" in f.read()
+
+        await wait_for(ready, within=30, what=f"{self.spec} to be ready")
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+
+    async def wait(self) -> int:
+        assert self.proc is not None
+        return await asyncio.wait_for(self.proc.wait(), 60)
+
+    async def stop(self) -> int:
+        if self.proc is None or self.proc.returncode is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        return await self.wait()
+
+
+@pytest.fixture
+async def workers(
+    settings: Settings, amqp_url: str, tmp_path: Path, rabbit_factory: Callable[[], Awaitable[RabbitMQTransport]]
+) -> AsyncIterator[Callable[[str], Awaitable[WorkerProcess]]]:
+    """Starts worker processes in the test's namespace; declares their queues first through a
+    tracked connection so the test deletes them afterwards."""
+    admin = await rabbit_factory()
+    env = {
+        **os.environ,
+        "CHOREO_AMQP_URL": amqp_url,
+        "CHOREO_SIGNING_KEYS": f"k1={SECRET}",
+        "CHOREO_EXCHANGE": settings.naming.exchange,
+        "CHOREO_QUEUE_PREFIX": settings.naming.queue_prefix,
+        "CHOREO_STATE_DIR": str(settings.state_dir),
+        "CHOREO_DEDUP_LEASE_S": "3",  # a killed worker's claims free up quickly
+        "CHOREO_SHUTDOWN_GRACE_S": "20",
+    }
+    started: list[WorkerProcess] = []
+
+    async def start(spec: str) -> WorkerProcess:
+        from choreo.cli._load import load_agent
+
+        await admin.declare(AgentRuntime(load_agent(spec), admin, settings).topology)
+        name = spec.partition(":")[0].rsplit(".", 1)[-1]
+        worker = WorkerProcess(spec, env, tmp_path / f"{name}-{len(started)}.log")
+        await worker.start()
+        started.append(worker)
+        return worker
+
+    yield start
+    codes = [await w.stop() for w in started]
+    assert all(code in (0, -signal.SIGKILL) for code in codes), codes
+
+
+async def saga_workers(start: Callable[[str], Awaitable[WorkerProcess]]) -> dict[str, WorkerProcess]:
+    return {agent.name: await start(f"agents.{agent.name}:agent") for agent in SAGA_AGENTS}
+
+
+def captured_orders(state_dir: Path) -> list[tuple[str, int]]:
+    db = sqlite3.connect(state_dir / "payments.sqlite3")
+    try:
+        return db.execute(
+            "SELECT order_id, COUNT(*) FROM charges WHERE status IN ('captured', 'refunded') GROUP BY order_id"
+        ).fetchall()
+    finally:
+        db.close()
+
+
+async def test_kill_9_a_worker_mid_run_loses_nothing_and_captures_once(
+    workers: Callable[[str], Awaitable[WorkerProcess]],
+    rabbit_factory: Callable[[], Awaitable[RabbitMQTransport]],
+    settings: Settings,
+) -> None:
+    procs = await saga_workers(workers)
+    plans = plan_orders(2000, seed=3, run_id="k9-", scenarios=ALL_SCENARIOS)
+    run = SagaRun(await rabbit_factory(), settings, plans, in_process=False)
+    kills = 0
+    async with run:
+        await run.publish_all(duplicate_every=50, inject_bad=False)
+        await wait_for(lambda: run.ended >= 400, within=120, what="a fifth of the orders to end")
+        # Mid-run: payments dies without any chance to ack, then comes back.
+        procs["payments"].kill9()
+        assert await procs["payments"].wait() == -signal.SIGKILL
+        kills += 1
+        assert run.ended < len(plans), "the run finished before the kill; it proves nothing"
+        await procs["payments"].start()
+        await run.wait(timeout_s=240)
+    report = run.finish()
+    assert kills == 1
+    assert report.problems == [], report.problems[:10]
+    assert report.orders == 2000
+    paid = sum(p.expected in ("completed", "shipping_failed") for p in plans)
+    assert report.captures == paid
+    # The payments agent's own books: one charge row per paid order (the primary key), no more.
+    rows = captured_orders(settings.state_dir)
+    assert len(rows) == paid
+    assert all(count == 1 for _, count in rows)
+
+
+async def test_broker_closing_every_connection_mid_run_loses_nothing(
+    workers: Callable[[str], Awaitable[WorkerProcess]],
+    rabbit_factory: Callable[[], Awaitable[RabbitMQTransport]],
+    settings: Settings,
+) -> None:
+    rabbitmqctl = shutil.which("rabbitmqctl")
+    if rabbitmqctl is None:
+        pytest.skip("rabbitmqctl not available to close connections from the broker side")
+    await saga_workers(workers)
+    plans = plan_orders(1000, seed=5, run_id="cc-")
+    run = SagaRun(await rabbit_factory(), settings, plans, in_process=False)
+    async with run:
+        publishing = asyncio.create_task(run.publish_all(duplicate_every=50, inject_bad=False))
+        await wait_for(lambda: run.ended >= 100, within=120, what="the run to get going")
+        proc = await asyncio.create_subprocess_exec(
+            rabbitmqctl,
+            "close_all_connections",
+            "chaos test",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await proc.communicate()
+        assert proc.returncode == 0, (out + err).decode()
+        ended_at_close = run.ended
+        await publishing
+        await run.wait(timeout_s=240)
+    report = run.finish()
+    assert ended_at_close < len(plans), "the run finished before the connections closed"
+    assert report.problems == [], report.problems[:10]
+
+
+async def test_the_same_event_published_three_times_is_handled_once_across_replicas(
+    workers: Callable[[str], Awaitable[WorkerProcess]],
+    rabbit_factory: Callable[[], Awaitable[RabbitMQTransport]],
+    settings: Settings,
+) -> None:
+    # Two competing inventory replicas sharing one dedup store (SQLite file on this host).
+    await workers("agents.inventory:agent")
+    await workers("agents.inventory:agent")
+    transport = await rabbit_factory()
+    sink = f"{settings.naming.queue_prefix}sink"
+    await transport.declare(Topology(settings.naming.exchange, (QueueSpec(sink, {}, ("inventory.*",)),)))
+    envelopes = [
+        new_envelope("order.placed", plan.event.model_dump(mode="json"), source="shop")
+        for plan in plan_orders(50, seed=9, run_id="x3-")
+    ]
+    for _ in range(3):
+        for envelope in envelopes:
+            await transport.publish(to_message(envelope, settings.keyring, settings.naming.exchange))
+
+    async def all_decided() -> bool:
+        return await transport.queue_depth(sink) >= len(envelopes)
+
+    await wait_for(all_decided, within=60, what="one decision per order")
+    main = settings.naming.agent_queues("inventory").main
+
+    async def drained() -> bool:
+        return await transport.queue_depth(main) == 0
+
+    await wait_for(drained, within=60, what="the inventory queue to drain")
+    # Stop both replicas (graceful: in-flight work finishes), then count what they emitted.
+    emitted: list[str] = []
+    while (delivery := await transport.get(sink)) is not None:
+        emitted.append(str(delivery.message_id))
+        await delivery.ack()
+    assert len(emitted) == len(envelopes) == len(set(emitted))
