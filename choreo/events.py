@@ -62,6 +62,8 @@ class Event(BaseModel):
             return cls.model_validate(payload)
         except ValidationError as exc:
             raise SchemaInvalid(f"payload of {cls.event_type()}: {describe_validation_error(exc)}") from exc
+        except Exception as exc:  # a custom validator raising anything else is still a bad payload
+            raise SchemaInvalid(f"payload of {cls.event_type()}: {type(exc).__name__}: {exc}") from exc
 
 
 class EventRegistry:

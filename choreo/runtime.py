@@ -233,9 +233,9 @@ class AgentRuntime(Generic[S]):
         self._idle.clear()
         try:
             await self._process(delivery)
-        except Exception:  # the pipeline settles every outcome; this is the last guard
-            log.exception("unexpected error in pipeline; message left for redelivery", agent=self.agent.name)
-            await self._settle(delivery, requeue=True)
+        except Exception as exc:  # the pipeline settles every outcome; this is the last guard
+            log.exception("unexpected error in pipeline; requeueing", agent=self.agent.name)
+            await self._requeue(delivery, f"unexpected error: {exc!r}")
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
@@ -361,7 +361,7 @@ class AgentRuntime(Generic[S]):
                 # re-run re-emits the same ids, which downstream dedup absorbs.
                 await claim.release()
                 log.warning("emitted events not confirmed; requeueing", agent=self.agent.name, error=repr(exc))
-                await self._settle(delivery, requeue=True)
+                await self._requeue(delivery, f"emitted events not confirmed: {exc}")
                 return False
         await claim.complete()
         self.stats.emitted += len(messages)
@@ -465,8 +465,7 @@ class AgentRuntime(Generic[S]):
             await self.transport.publish(message)
         except TransportError as exc:
             log.error("move not confirmed; requeueing", agent=self.agent.name, queue=queue, error=repr(exc))
-            await asyncio.sleep(0.5)  # do not spin on a broker that refuses the publish
-            await self._settle(delivery, requeue=True)
+            await self._requeue(delivery, f"move to {queue} not confirmed: {exc}", may_dead_letter=False)
             return False
         await self._settle(delivery)
         return True
@@ -484,6 +483,21 @@ class AgentRuntime(Generic[S]):
         if await self._move(delivery, self.queues.dlq, fault):
             self.stats.dead_lettered[reason] += 1
             log.warning("dead-lettered", agent=self.agent.name, reason=reason, error=error[:200])
+
+    async def _requeue(self, delivery: Delivery, error: str, *, may_dead_letter: bool = True) -> None:
+        """Return the message to its queue after a backoff, for an infrastructure failure.
+
+        Requeues count against the queue's ``x-delivery-limit``; rather than let the broker
+        drop the message into the DLQ bare on the last one, it is dead-lettered here with its
+        fault headers (``retries_exhausted``).
+        """
+        redeliveries = _int_header(delivery.headers.get("x-delivery-count"))
+        if may_dead_letter and redeliveries + 1 >= self.settings.delivery_limit:
+            await self._dead_letter(delivery, "retries_exhausted", f"requeued {redeliveries + 1} times, last: {error}")
+            return
+        # Back off so a broker or store outage is not met with a hot redelivery loop.
+        await asyncio.sleep(min(0.1 * 2**redeliveries, 5.0))
+        await self._settle(delivery, requeue=True)
 
     async def _settle(self, delivery: Delivery, *, requeue: bool | None = None) -> None:
         try:

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from .errors import ConfigError, SignatureInvalid
+from .log import get_logger
 
 __all__ = [
     "ALG_HEADER",
@@ -199,6 +200,11 @@ class Keyring:
         self.signer = signer
         self.allowed_algs = allowed_algs
         self.accept_unsigned = accept_unsigned
+        if accept_unsigned:
+            # An explicit, logged opt-in (wire format): unsigned events bypass authentication.
+            get_logger("choreo.signing").warning(
+                "accepting unsigned messages (CHOREO_ACCEPT_UNSIGNED): use only while migrating producers"
+            )
         self._verifiers: dict[tuple[str, str], Verifier] = {}
         for verifier in verifiers or []:
             self._verifiers[(verifier.alg, verifier.kid)] = verifier

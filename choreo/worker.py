@@ -7,12 +7,14 @@ handlers finish within the grace period and settle their messages, then the conn
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from collections.abc import Sequence
 from typing import Any
 
 from .agent import Agent
 from .config import Settings
+from .errors import ConfigError
 from .log import get_logger
 from .runtime import AgentRuntime
 from .transport.base import Transport
@@ -50,6 +52,7 @@ class Worker:
         return all([await r.is_attached() for r in self.runtimes])
 
     async def start(self) -> None:
+        self._check_keys()
         if self._owns_transport:
             await self.transport.connect()
         started: list[AgentRuntime[Any]] = []
@@ -65,6 +68,20 @@ class Worker:
             raise
         self.started.set()
 
+    def _check_keys(self) -> None:
+        """Refuse to start a worker that would dead-letter every message for want of keys."""
+        keyring = self.settings.keyring
+        if not keyring.kids and not keyring.accept_unsigned:
+            raise ConfigError(
+                "no verification keys: set CHOREO_SIGNING_KEYS (e.g. k1=secret) or CHOREO_ED25519_VERIFY_KEYS; "
+                "without them every message would be dead-lettered as 'signature'"
+            )
+        if keyring.signer is None:
+            raise ConfigError(
+                "no signing key: handlers' emitted events and failure events must be signed; set CHOREO_SIGNING_KEYS "
+                "or CHOREO_ED25519_SIGNING_KEY"
+            )
+
     async def stop(self) -> bool:
         results = await asyncio.gather(*(r.stop() for r in self.runtimes))
         if self._owns_transport:
@@ -76,10 +93,17 @@ class Worker:
         stop = stop or asyncio.Event()
         loop = asyncio.get_running_loop()
         installed: list[signal.Signals] = []
+
+        def on_signal() -> None:
+            if stop.is_set():  # a second signal: the operator does not want to wait
+                log.warning("second signal: exiting now; unacked messages will be redelivered")
+                os._exit(130)
+            stop.set()
+
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 try:
-                    loop.add_signal_handler(sig, stop.set)
+                    loop.add_signal_handler(sig, on_signal)
                     installed.append(sig)
                 except (NotImplementedError, RuntimeError):  # not the main thread / platform
                     pass

@@ -287,6 +287,7 @@ class InMemoryBroker:
             return
         msg.delivery_count += 1
         msg.redelivered = True
+        msg.headers["x-delivery-count"] = msg.delivery_count  # as quorum queues report it
         limit = queue.arguments.get("x-delivery-limit")
         if isinstance(limit, int) and msg.delivery_count > limit:
             self._dead_letter(queue, msg, "delivery_limit")

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
@@ -97,11 +98,16 @@ class _RabbitDelivery:
 
 class _RabbitSubscription:
     def __init__(
-        self, channel: aio_pika.abc.AbstractRobustChannel, queue: aio_pika.abc.AbstractRobustQueue, tag: str
+        self,
+        channel: aio_pika.abc.AbstractRobustChannel,
+        queue: aio_pika.abc.AbstractRobustQueue,
+        tag: str,
+        connection: aio_pika.abc.AbstractRobustConnection,
     ) -> None:
         self._channel = channel
         self._queue = queue
         self._tag = tag
+        self._connection = connection
         self._cancelled = False
 
     @property
@@ -123,18 +129,18 @@ class _RabbitSubscription:
         if self._cancelled:
             return
         self._cancelled = True
+        if self._channel.is_closed or not self._connection.connected.is_set():
+            return  # the broker already stopped delivering; waiting for a reconnect could hang
         try:
-            await self._queue.cancel(self._tag)
-        except (*CONNECTION_EXCEPTIONS, RuntimeError, KeyError):
-            pass  # the channel is gone; the broker already stopped delivering
+            await asyncio.wait_for(self._queue.cancel(self._tag), 5.0)
+        except (TimeoutError, *CONNECTION_EXCEPTIONS, RuntimeError, KeyError):
+            pass  # the channel went away meanwhile: nothing more will be delivered on it
 
     async def close(self) -> None:
         await self.cancel()
         if not self._channel.is_closed:
-            try:
-                await self._channel.close()
-            except (*CONNECTION_EXCEPTIONS, RuntimeError):
-                pass
+            with contextlib.suppress(TimeoutError, *CONNECTION_EXCEPTIONS, RuntimeError):
+                await asyncio.wait_for(self._channel.close(), 5.0)
 
 
 class RabbitMQTransport(Transport):
@@ -171,7 +177,8 @@ class RabbitMQTransport(Transport):
             await sub.close()
         self._subs.clear()
         if self._conn is not None:
-            await self._conn.close()
+            with contextlib.suppress(TimeoutError, *CONNECTION_EXCEPTIONS, RuntimeError):
+                await asyncio.wait_for(self._conn.close(), 10.0)
         self._conn = None
         self._pub = None
         self._exchanges.clear()
@@ -217,17 +224,31 @@ class RabbitMQTransport(Transport):
             type=message.type,
             expiration=timedelta(milliseconds=message.expiration_ms) if message.expiration_ms is not None else None,
         )
-        try:
-            exchange = await self._exchange(message.exchange)
-            await exchange.publish(amqp_message, message.routing_key, mandatory=message.mandatory, timeout=self.timeout)
-        except aio_pika.exceptions.DeliveryError as exc:
-            raise PublishNotConfirmed(f"broker refused {message.routing_key!r}: {exc!r}") from exc
-        except aio_pika.exceptions.PublishError as exc:
-            raise PublishNotConfirmed(
-                f"unroutable: exchange {message.exchange!r}, routing key {message.routing_key!r}"
-            ) from exc
-        except (TimeoutError, *CONNECTION_EXCEPTIONS, RuntimeError) as exc:
-            raise PublishNotConfirmed(f"publish of {message.routing_key!r} not confirmed: {exc!r}") from exc
+        # A connection or channel loss is ridden out: wait (bounded) for the robust channel to
+        # come back and publish again. Re-publishing is safe: ids are stable, dedup absorbs copies.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        while True:
+            try:
+                exchange = await self._exchange(message.exchange)
+                await exchange.publish(
+                    amqp_message, message.routing_key, mandatory=message.mandatory, timeout=self.timeout
+                )
+                return
+            except aio_pika.exceptions.DeliveryError as exc:
+                raise PublishNotConfirmed(f"broker refused {message.routing_key!r}: {exc!r}") from exc
+            except aio_pika.exceptions.PublishError as exc:
+                raise PublishNotConfirmed(
+                    f"unroutable: exchange {message.exchange!r}, routing key {message.routing_key!r}"
+                ) from exc
+            except (TimeoutError, *CONNECTION_EXCEPTIONS, RuntimeError) as exc:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise PublishNotConfirmed(f"publish of {message.routing_key!r} not confirmed: {exc!r}") from exc
+                try:
+                    await asyncio.wait_for(self._pub.ready(), remaining)
+                except (TimeoutError, *CONNECTION_EXCEPTIONS, RuntimeError):
+                    raise PublishNotConfirmed(f"publish of {message.routing_key!r} not confirmed: {exc!r}") from exc
 
     async def publish_many(self, messages: Sequence[OutgoingMessage]) -> None:
         if len(messages) == 1:
@@ -250,7 +271,7 @@ class RabbitMQTransport(Transport):
             await handler(_RabbitDelivery(msg))
 
         tag = await amqp_queue.consume(on_message)
-        sub = _RabbitSubscription(channel, amqp_queue, tag)
+        sub = _RabbitSubscription(channel, amqp_queue, tag, self.connection)
         self._subs.append(sub)
         return sub
 
