@@ -15,17 +15,14 @@ from pathlib import Path
 from typing import Self
 
 from choreo import AgentEnv
+from choreo.stores.sqlite import connect
 
 
 class AgentDB:
     schema: str = ""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("PRAGMA busy_timeout=5000")
+        self.db = connect(path)
         self.db.executescript(self.schema)
 
     @classmethod

@@ -33,6 +33,20 @@ HandlerFn = Callable[[Any, "Context[Any]"], Awaitable[Emitted]]
 H = TypeVar("H", bound=HandlerFn)
 
 
+def emitted_events(result: object) -> list[Event]:
+    """A handler's return value as a list of events; TypeError for anything else."""
+    if result is None:
+        return []
+    if isinstance(result, Event):
+        return [result]
+    if not isinstance(result, Sequence) or isinstance(result, (str, bytes)):
+        raise TypeError(f"handler must return an Event, a sequence of Events or None, got {type(result).__name__}")
+    for item in result:
+        if not isinstance(item, Event):
+            raise TypeError(f"handler returned {type(item).__name__}, not an Event")
+    return list(result)
+
+
 @dataclass(frozen=True, slots=True)
 class AgentEnv:
     """What a state factory gets at start: the agent's name and a directory it may write."""

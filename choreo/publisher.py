@@ -26,11 +26,13 @@ def traceparent(trace_id: str) -> str:
     return f"00-{trace_id}-{os.urandom(8).hex()}-01"
 
 
-def to_message(envelope: Envelope, keyring: Keyring, exchange: str) -> OutgoingMessage:
+def to_message(envelope: Envelope, keyring: Keyring, exchange: str, *, expiration_slack_ms: int = 0) -> OutgoingMessage:
     """The signed, persistent message for ``envelope``, routed by its type.
 
-    The AMQP ``expiration`` mirrors ``ttl_ms`` so the broker drops (dead-letters) stale
-    events that nobody consumed in time.
+    The AMQP ``expiration`` is ``ttl_ms`` plus ``expiration_slack_ms`` (the consumers' clock-skew
+    tolerance): a backstop so stale events nobody consumes do not pile up. Consumers decide
+    staleness themselves first and dead-letter it as ``expired`` with the fault headers; what the
+    broker expires reaches the DLQ too, with RabbitMQ's ``x-death`` header.
     """
     body = envelope.encode()
     headers: dict[str, HeaderValue] = dict(keyring.sign(body))
@@ -43,7 +45,7 @@ def to_message(envelope: Envelope, keyring: Keyring, exchange: str) -> OutgoingM
         message_id=envelope.id,
         correlation_id=envelope.effective_correlation_id,
         type=envelope.type,
-        expiration_ms=envelope.ttl_ms,
+        expiration_ms=envelope.ttl_ms + expiration_slack_ms if envelope.ttl_ms is not None else None,
     )
 
 
@@ -141,4 +143,5 @@ class Publisher:
         return envelope
 
     async def publish_envelope(self, envelope: Envelope) -> None:
-        await self.transport.publish(to_message(envelope, self.keyring, self.exchange))
+        message = to_message(envelope, self.keyring, self.exchange, expiration_slack_ms=self.settings.clock_skew_ms)
+        await self.transport.publish(message)

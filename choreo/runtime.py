@@ -20,12 +20,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
-from .agent import Agent, AgentEnv, Context, Failure, HandlerSpec
+from .agent import Agent, AgentEnv, Context, Failure, HandlerSpec, emitted_events
 from .config import Settings
 from .envelope import Envelope, format_timestamp, parse_envelope
 from .errors import (
@@ -49,7 +48,7 @@ from .stores.base import Claim, DedupStore
 from .topology import Topology, agent_topology
 from .transport.base import Delivery, HeaderValue, OutgoingMessage, Subscription, Transport
 
-__all__ = ["AgentRuntime", "AgentStats"]
+__all__ = ["AgentRuntime", "AgentStats", "topology_for"]
 
 S = TypeVar("S")
 log = get_logger("choreo.runtime")
@@ -62,6 +61,18 @@ FAILED_AT = "x-choreo-failed-at"
 ORIGINAL_RK = "x-choreo-original-routing-key"
 DELAYED = "x-choreo-delayed-retries"
 _MAX_ERROR_CHARS = 500
+
+
+def topology_for(agent: Agent[Any], settings: Settings) -> Topology:
+    """Everything ``agent`` declares on the broker under ``settings``: exchange, its queue,
+    DLQ and retry tiers."""
+    return agent_topology(
+        agent.name,
+        agent.handled_types,
+        naming=settings.naming,
+        delivery_limit=settings.delivery_limit,
+        retry_tiers_ms=tuple(round(t * 1000) for t in agent.retry_tiers_s),
+    )
 
 
 @dataclass
@@ -136,13 +147,7 @@ class AgentRuntime(Generic[S]):
 
     @property
     def topology(self) -> Topology:
-        return agent_topology(
-            self.agent.name,
-            self.agent.handled_types,
-            naming=self.settings.naming,
-            delivery_limit=self.settings.delivery_limit,
-            retry_tiers_ms=self._tiers_ms,
-        )
+        return topology_for(self.agent, self.settings)
 
     async def is_attached(self) -> bool:
         return self._sub is not None and await self._sub.is_attached()
@@ -157,8 +162,15 @@ class AgentRuntime(Generic[S]):
             self.settings.state_dir.mkdir(parents=True, exist_ok=True)
             self.state = self.agent.state_factory(AgentEnv(self.agent.name, self.settings.state_dir))
         await self.dedup.open()
+        try:
+            await self._start_consuming()
+        except BaseException:
+            await self._close_resources()
+            raise
+        log.info("agent started", agent=self.agent.name, queue=self.queues.main, handles=self.agent.handled_types)
+
+    async def _start_consuming(self) -> None:
         if self.agent.transactional and not getattr(self.dedup, "transactional", False):
-            await self.dedup.close()
             raise ConfigError(
                 f"agent {self.agent.name!r} needs a transactional dedup store: "
                 "CHOREO_DEDUP_URL=postgresql://... with CHOREO_DEDUP_TRANSACTIONAL=1"
@@ -167,7 +179,6 @@ class AgentRuntime(Generic[S]):
         self._renew_task = asyncio.get_running_loop().create_task(self._renew_leases())
         await self.transport.declare(self.topology)
         self._sub = await self.transport.subscribe(self.queues.main, self._on_delivery, prefetch=self.settings.prefetch)
-        log.info("agent started", agent=self.agent.name, queue=self.queues.main, handles=self.agent.handled_types)
 
     async def stop(self, grace_s: float | None = None) -> bool:
         """Stop consuming, wait for in-flight handlers (up to ``grace_s``), close stores.
@@ -184,6 +195,11 @@ class AgentRuntime(Generic[S]):
         except TimeoutError:
             finished = False
             log.warning("shutdown grace period over", agent=self.agent.name, in_flight=self._in_flight)
+        await self._close_resources()
+        log.info("agent stopped", agent=self.agent.name, **self._stats_fields())
+        return finished
+
+    async def _close_resources(self) -> None:
         for task in (self._cleanup_task, self._renew_task):
             if task is not None:
                 task.cancel()
@@ -195,8 +211,6 @@ class AgentRuntime(Generic[S]):
             result = close()
             if asyncio.iscoroutine(result):
                 await result
-        log.info("agent stopped", agent=self.agent.name, **self._stats_fields())
-        return finished
 
     async def _renew_leases(self) -> None:
         while True:
@@ -411,17 +425,11 @@ class AgentRuntime(Generic[S]):
         await self._dead_letter(delivery, reason, error, attempts=attempts)
 
     def _emitted_messages(self, parent: Envelope, result: object) -> list[OutgoingMessage]:
-        if result is None:
-            return []
-        events: Sequence[object] = [result] if isinstance(result, Event) else result  # type: ignore[assignment]
-        if not isinstance(events, Sequence) or isinstance(events, (str, bytes)):
-            raise TypeError(f"handler must return an Event, a sequence of Events or None, got {type(result).__name__}")
+        events = emitted_events(result)
         now = datetime.now(UTC)
         ordinals: collections.Counter[str] = collections.Counter()
         messages = []
         for item in events:
-            if not isinstance(item, Event):
-                raise TypeError(f"handler returned {type(item).__name__}, not an Event")
             event_type = item.event_type()
             ordinal = ordinals[event_type]
             ordinals[event_type] += 1
@@ -437,7 +445,14 @@ class AgentRuntime(Generic[S]):
                 ttl_ms=type(item).__event_ttl_ms__,
                 payload=item.model_dump(mode="json"),
             )
-            messages.append(to_message(envelope, self.settings.keyring, self.settings.naming.exchange))
+            messages.append(
+                to_message(
+                    envelope,
+                    self.settings.keyring,
+                    self.settings.naming.exchange,
+                    expiration_slack_ms=self.settings.clock_skew_ms,
+                )
+            )
         return messages
 
     def _prior_attempts(self, delivery: Delivery) -> int:
@@ -459,6 +474,8 @@ class AgentRuntime(Generic[S]):
             body=delivery.body,
             headers=headers,
             message_id=delivery.message_id,
+            correlation_id=delivery.correlation_id,
+            type=delivery.type,
             mandatory=True,
         )
         try:

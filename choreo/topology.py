@@ -100,12 +100,14 @@ def agent_topology(
         },
         bindings=tuple(sorted(set(handled_types))),
     )
-    dlq = QueueSpec(name=queues.dlq, arguments={"x-queue-type": "quorum"})
+    # Every quorum queue states its delivery limit: RabbitMQ 4 defaults to 20 and then drops.
+    dlq = QueueSpec(name=queues.dlq, arguments={"x-queue-type": "quorum", "x-delivery-limit": delivery_limit})
     tiers = tuple(
         QueueSpec(
             name=queues.retry(ms),
             arguments={
                 "x-queue-type": "quorum",
+                "x-delivery-limit": delivery_limit,
                 "x-message-ttl": ms,
                 "x-dead-letter-exchange": "",
                 "x-dead-letter-routing-key": queues.main,

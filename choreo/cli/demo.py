@@ -10,15 +10,18 @@ import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ..agent import Agent
 from ..config import Settings
 from ..errors import TransportError
 from ..log import configure
+from ..runtime import topology_for
 from ..signing import Keyring
 from ..topology import Naming
 from ..transport.base import Transport
@@ -61,7 +64,7 @@ async def _connect(console: Console, settings: Settings, memory: bool) -> tuple[
 
 
 async def _demo(console: Console, n: int, *, url: str | None, memory: bool, keep: bool, wait_s: float) -> bool:
-    from agents.saga import SAGA_AGENTS, plan_orders, run_saga
+    from agents.saga import SAGA_AGENTS, AuditLog, auditor_agent, plan_orders, run_saga
 
     run_id = secrets.token_hex(3)
     settings = Settings.from_env(amqp_url=url)
@@ -97,7 +100,7 @@ async def _demo(console: Console, n: int, *, url: str | None, memory: bool, keep
                 )
         finally:
             if not keep:
-                await _cleanup(transport, settings, [a.name for a in SAGA_AGENTS] + ["auditor"])
+                await _cleanup(transport, settings, [*SAGA_AGENTS, auditor_agent(AuditLog())])
             await transport.close()
 
     table = Table(title="choreo demo: summary", show_header=False)
@@ -126,12 +129,11 @@ async def _demo(console: Console, n: int, *, url: str | None, memory: bool, keep
     return False
 
 
-async def _cleanup(transport: Transport, settings: Settings, agents: list[str]) -> None:
+async def _cleanup(transport: Transport, settings: Settings, agents: list[Agent[Any]]) -> None:
     """Best effort: a broker gone mid-demo must not hide the summary."""
-    for name in agents:
-        queues = settings.naming.agent_queues(name)
-        for queue in (queues.main, queues.dlq):
+    for agent in agents:
+        for queue in topology_for(agent, settings).queues:
             with contextlib.suppress(TransportError, TimeoutError, OSError):
-                await transport.delete_queue(queue)
+                await transport.delete_queue(queue.name)
     with contextlib.suppress(TransportError, TimeoutError, OSError):
         await transport.delete_exchange(settings.naming.exchange)

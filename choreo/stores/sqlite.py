@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .base import ClaimResult, LeaseStoreMixin
 
-__all__ = ["SQLiteDedupStore"]
+__all__ = ["SQLiteDedupStore", "connect"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS choreo_dedup (
@@ -27,6 +27,17 @@ CREATE TABLE IF NOT EXISTS choreo_dedup (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS choreo_dedup_done_at ON choreo_dedup (done, updated_at);
 """
+
+
+def connect(path: str | Path) -> sqlite3.Connection:
+    """A SQLite connection set up as choreo uses it: autocommit, WAL, synchronous=NORMAL, and a
+    busy timeout so replicas on one host sharing the file wait for each other's writes."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.execute("PRAGMA busy_timeout=5000")
+    return db
 
 
 class SQLiteDedupStore(LeaseStoreMixin):
@@ -43,11 +54,7 @@ class SQLiteDedupStore(LeaseStoreMixin):
     async def open(self) -> None:
         if self._db is not None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("PRAGMA busy_timeout=5000")
+        db = connect(self.path)
         db.executescript(_SCHEMA)
         self._db = db
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from ..agent import Agent, Context
+from ..agent import Agent, Context, emitted_events
 from ..envelope import Envelope
 from ..errors import ConfigError
 from ..events import Event
@@ -50,11 +50,7 @@ async def call(agent: Agent[S], event: Event, *, state: S = None, event_id: str 
     if spec is None:
         raise ConfigError(f"agent {agent.name!r} does not handle {event.event_type()!r}")
     result = await spec.fn(event, make_context(event, agent=agent.name, state=state, event_id=event_id))
-    if result is None:
-        return []
-    if isinstance(result, Event):
-        return [result]
-    return list(result)
+    return emitted_events(result)
 
 
 async def wait_for(predicate: Callable[[], Any], within: float = 10.0, what: str = "condition") -> None:

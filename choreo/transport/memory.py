@@ -108,6 +108,14 @@ class _Delivery:
     def redelivered(self) -> bool:
         return self._redelivered
 
+    @property
+    def correlation_id(self) -> str | None:
+        return self._msg.correlation_id
+
+    @property
+    def type(self) -> str | None:
+        return self._msg.type
+
     def _settle(self) -> None:
         if self.settled:
             raise TransportError("delivery already settled")

@@ -14,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import Mapping, Sequence
-from datetime import timedelta
+from collections.abc import AsyncIterator, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import aio_pika
@@ -46,7 +46,8 @@ def _topology_error(exc: BaseException, entity: str) -> TopologyError:
         return TopologyError(
             f"{match['kind']} {match['name']!r} exists with a different {arg}: "
             f"declared {declared}, existing {existing}. "
-            "Run `choreo topology show` to compare, then delete and re-create it or align the agent's settings.",
+            "Align the agent's settings with the queue, or drain, delete and re-declare the queue "
+            "(`rabbitmqctl list_queues name arguments` shows what exists).",
             entity=match["name"],
             differences={arg: (declared, existing)},
         )
@@ -82,6 +83,14 @@ class _RabbitDelivery:
     @property
     def redelivered(self) -> bool:
         return bool(self._msg.redelivered)
+
+    @property
+    def correlation_id(self) -> str | None:
+        return self._msg.correlation_id
+
+    @property
+    def type(self) -> str | None:
+        return self._msg.type
 
     async def ack(self) -> None:
         try:
@@ -152,6 +161,7 @@ class RabbitMQTransport(Transport):
         self._pub: aio_pika.abc.AbstractRobustChannel | None = None
         self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
         self._subs: list[_RabbitSubscription] = []
+        self._get_channel: aio_pika.abc.AbstractChannel | None = None
 
     @property
     def connected(self) -> bool:
@@ -181,11 +191,22 @@ class RabbitMQTransport(Transport):
                 await asyncio.wait_for(self._conn.close(), 10.0)
         self._conn = None
         self._pub = None
+        self._get_channel = None
         self._exchanges.clear()
 
-    async def declare(self, topology: Topology) -> None:
+    @contextlib.asynccontextmanager
+    async def _temp_channel(self) -> AsyncIterator[aio_pika.abc.AbstractChannel]:
+        """A channel for one operation: a channel error (404, 406) closes it, not a shared one."""
         channel = await self.connection.channel()
         try:
+            yield channel
+        finally:
+            if not channel.is_closed:
+                with contextlib.suppress(*CONNECTION_EXCEPTIONS, RuntimeError):
+                    await channel.close()
+
+    async def declare(self, topology: Topology) -> None:
+        async with self._temp_channel() as channel:
             try:
                 exchange = await channel.declare_exchange(topology.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
             except aiormq.exceptions.ChannelPreconditionFailed as exc:
@@ -197,9 +218,6 @@ class RabbitMQTransport(Transport):
                     raise _topology_error(exc, spec.name) from exc
                 for key in spec.bindings:
                     await queue.bind(exchange, key)
-        finally:
-            if not channel.is_closed:
-                await channel.close()
 
     async def _exchange(self, name: str) -> aio_pika.abc.AbstractExchange:
         assert self._pub is not None
@@ -222,6 +240,7 @@ class RabbitMQTransport(Transport):
             message_id=message.message_id,
             correlation_id=message.correlation_id,
             type=message.type,
+            timestamp=datetime.now(UTC),
             expiration=timedelta(milliseconds=message.expiration_ms) if message.expiration_ms is not None else None,
         )
         # A connection or channel loss is ridden out: wait (bounded) for the robust channel to
@@ -275,41 +294,37 @@ class RabbitMQTransport(Transport):
         self._subs.append(sub)
         return sub
 
-    async def _passive(self, queue: str) -> int:
-        channel = await self.connection.channel()
-        try:
-            declared = await channel.declare_queue(queue, passive=True)
-            return declared.declaration_result.message_count or 0
-        except aiormq.exceptions.ChannelNotFoundEntity as exc:
-            raise TransportError(f"queue {queue!r} does not exist") from exc
-        finally:
-            if not channel.is_closed:
-                await channel.close()
-
     async def queue_depth(self, queue: str) -> int:
-        return await self._passive(queue)
+        async with self._temp_channel() as channel:
+            try:
+                declared = await channel.declare_queue(queue, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity as exc:
+                raise TransportError(f"queue {queue!r} does not exist") from exc
+            return declared.declaration_result.message_count or 0
 
     async def get(self, queue: str) -> Delivery | None:
-        assert self._pub is not None
-        amqp_queue = await self._pub.get_queue(queue, ensure=False)
-        msg = await amqp_queue.get(no_ack=False, fail=False, timeout=self.timeout)
+        """basic.get on a channel of its own: a missing queue closes that channel (and is
+        reopened next time), never the publishing channel the agents share."""
+        if self._get_channel is None or self._get_channel.is_closed:
+            self._get_channel = await self.connection.channel()
+        try:
+            amqp_queue = await self._get_channel.get_queue(queue, ensure=False)
+            msg = await amqp_queue.get(no_ack=False, fail=False, timeout=self.timeout)
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            self._get_channel = None
+            raise TransportError(f"NOT_FOUND - no queue {queue!r}") from exc
+        except (TimeoutError, *CONNECTION_EXCEPTIONS, RuntimeError) as exc:
+            self._get_channel = None
+            raise TransportError(f"basic.get on {queue!r} failed: {exc!r}") from exc
         return None if msg is None else _RabbitDelivery(msg)
 
     async def delete_queue(self, queue: str) -> None:
-        channel = await self.connection.channel()
-        try:
+        async with self._temp_channel() as channel:
             await channel.queue_delete(queue)
-        finally:
-            if not channel.is_closed:
-                await channel.close()
 
     async def delete_exchange(self, exchange: str) -> None:
-        channel = await self.connection.channel()
-        try:
+        async with self._temp_channel() as channel:
             await channel.exchange_delete(exchange)
-        finally:
-            if not channel.is_closed:
-                await channel.close()
 
 
 def _redact(url: str) -> str:

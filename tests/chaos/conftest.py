@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from choreo import Settings
-from choreo.runtime import AgentRuntime
+from choreo.runtime import topology_for
 from choreo.testing import wait_for
 from choreo.transport.rabbitmq import RabbitMQTransport
 
@@ -85,7 +85,7 @@ async def workers(
     async def start(spec: str) -> WorkerProcess:
         from choreo.cli._load import load_agent
 
-        await admin.declare(AgentRuntime(load_agent(spec), admin, settings).topology)
+        await admin.declare(topology_for(load_agent(spec), settings))
         name = spec.partition(":")[0].rsplit(".", 1)[-1]
         worker = WorkerProcess(spec, env, tmp_path / f"{name}-{len(started)}.log")
         await worker.start()

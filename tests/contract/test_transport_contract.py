@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from choreo.errors import PublishNotConfirmed, TopologyError
+from choreo.errors import PublishNotConfirmed, TopologyError, TransportError
 from choreo.testing import wait_for
 from choreo.topology import Naming, QueueSpec, Topology, agent_topology
 from choreo.transport import Delivery, OutgoingMessage, Transport
@@ -371,3 +371,18 @@ async def test_queue_depth_counts_ready_messages_only(transport: Transport, nami
     assert taken is not None
     await taken.ack()
     await depth_is(transport, queue.name, 2)
+
+
+async def test_get_on_a_missing_queue_raises_and_leaves_publishing_working(
+    transport: Transport, naming: Naming
+) -> None:
+    queue = plain_queue(naming, "afterget", "a.b")
+    await transport.declare(Topology(naming.exchange, (queue,)))
+    with pytest.raises(TransportError):
+        await transport.get(f"{naming.queue_prefix}does-not-exist")
+    await transport.publish(message(naming, "a.b", b"still publishing"))
+    await depth_is(transport, queue.name, 1)
+    got = await transport.get(queue.name)
+    assert got is not None
+    assert got.body == b"still publishing"
+    await got.ack()

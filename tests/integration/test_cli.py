@@ -13,7 +13,7 @@ import pytest
 
 from agents import inventory
 from choreo import Settings
-from choreo.runtime import AgentRuntime
+from choreo.runtime import topology_for
 from choreo.topology import QueueSpec, Topology
 from choreo.transport.rabbitmq import RabbitMQTransport
 
@@ -54,7 +54,7 @@ async def test_worker_handles_published_events_and_exits_0_on_sigterm(
     sink = f"{settings.naming.queue_prefix}sink"
     await observer.declare(Topology(settings.naming.exchange, (QueueSpec(sink, {}, ("inventory.*",)),)))
     # Declare the worker's queues through the tracked transport too, so the test cleans them up.
-    await observer.declare(AgentRuntime(inventory.agent, observer, settings).topology)
+    await observer.declare(topology_for(inventory.agent, settings))
 
     proc = await asyncio.create_subprocess_exec(
         *CHOREO, "worker", "agents.inventory:agent", env=env,

@@ -154,7 +154,7 @@ async def test_shutdown_during_a_broker_outage_finishes_within_the_grace_period(
         await asyncio.wait_for(transport.close(), 15)
         admin = RabbitMQTransport(amqp_url)
         await admin.connect()
-        for queue in (*(q.name for q in worker.runtimes[0].topology.queues),):
-            await admin.delete_queue(queue)
+        for queue in worker.runtimes[0].topology.queues:
+            await admin.delete_queue(queue.name)
         await admin.delete_exchange(settings.naming.exchange)
         await admin.close()
