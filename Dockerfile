@@ -7,7 +7,7 @@ COPY agents ./agents
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 FROM python:3.11-slim
-RUN useradd --create-home --uid 10001 choreo
+RUN useradd --create-home --uid 10001 choreo && mkdir -p /home/choreo/state && chown choreo /home/choreo/state
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 USER choreo
