@@ -16,8 +16,9 @@ from collections.abc import Awaitable, Callable
 import aio_pika
 import pytest
 
-from choreo import Agent, Context, Event, Settings, Worker
+from choreo import Agent, Context, Event, Publisher, Settings, Worker
 from choreo.testing import wait_for
+from choreo.topology import QueueSpec, Topology
 from choreo.transport.rabbitmq import RabbitMQTransport
 
 from ..conftest import SECRET
@@ -135,3 +136,27 @@ amqp-publish --url="$URL" -e "$EXCHANGE" -r order.placed -p -C application/json 
         assert worker.runtimes[0].stats.dead_lettered_total == 0
     finally:
         await worker.stop()
+
+
+async def test_publishers_set_amqp_expiration_from_ttl_plus_skew_tolerance(
+    rabbit_factory: Callable[[], Awaitable[RabbitMQTransport]], settings: Settings, amqp_url: str
+) -> None:
+    transport = await rabbit_factory()
+    sink = f"{settings.naming.queue_prefix}ttlsink"
+    await transport.declare(Topology(settings.naming.exchange, (QueueSpec(sink, {}, ("order.placed",)),)))
+    async with Publisher(transport=transport, settings=settings, source="t") as publisher:
+        await publisher.publish(RawOrderPlaced(order_id="o-ttl"), ttl_ms=60_000)
+        await publisher.publish(RawOrderPlaced(order_id="o-forever"))
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        queue = await channel.get_queue(sink, ensure=True)
+        with_ttl = await queue.get(fail=True)
+        without = await queue.get(fail=True)
+        # aio-pika reports the AMQP expiration in seconds; the wire carries milliseconds.
+        assert with_ttl.expiration == pytest.approx((60_000 + settings.clock_skew_ms) / 1000)
+        assert without.expiration is None
+        await with_ttl.ack()
+        await without.ack()
+    finally:
+        await connection.close()
