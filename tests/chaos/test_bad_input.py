@@ -184,6 +184,7 @@ async def test_generated_bad_bodies_are_dead_lettered_and_good_ones_handled(
     assert worker.proc is not None
     assert worker.proc.returncode is None, "the worker crashed"
     state["total"] = state.get("total", 0) + len(batch)
+    print(f"\nbad input: tried={state['total']} dead_lettered_so_far={state['total']} good_handled+={len(handled)}")
     log = worker.log.read_text()
     assert "Traceback" not in log
     assert "unexpected error" not in log

@@ -54,7 +54,8 @@ async def test_kill_9_a_worker_mid_run_loses_nothing_and_captures_once(
         procs["payments"].kill9()
         assert await procs["payments"].wait() == -signal.SIGKILL
         kills += 1
-        assert run.ended < len(plans), "the run finished before the kill; it proves nothing"
+        ended_at_kill = run.ended
+        assert ended_at_kill < len(plans), "the run finished before the kill; it proves nothing"
         await procs["payments"].start()
         await run.wait(timeout_s=240)
     report = run.finish()
@@ -67,6 +68,12 @@ async def test_kill_9_a_worker_mid_run_loses_nothing_and_captures_once(
     rows = captured_orders(settings.state_dir)
     assert len(rows) == paid
     assert all(count == 1 for _, count in rows)
+    ended = report.completed + sum(report.cancelled.values())
+    print(
+        f"\nchaos kill-9: orders={report.orders} kills={kills} ended_at_kill={ended_at_kill} ended={ended} "
+        f"duplicates_published={report.duplicates_published} captures={report.captures} (expected {paid}) "
+        f"lost={report.orders - ended} elapsed={report.elapsed_s:.1f}s"
+    )
 
 
 async def test_broker_closing_every_connection_mid_run_loses_nothing(
@@ -98,6 +105,11 @@ async def test_broker_closing_every_connection_mid_run_loses_nothing(
     report = run.finish()
     assert ended_at_close < len(plans), "the run finished before the connections closed"
     assert report.problems == [], report.problems[:10]
+    ended = report.completed + sum(report.cancelled.values())
+    print(
+        f"\nchaos close_all_connections: orders={report.orders} ended_at_close={ended_at_close} ended={ended} "
+        f"lost={report.orders - ended} elapsed={report.elapsed_s:.1f}s"
+    )
 
 
 async def test_the_same_event_published_three_times_is_handled_once_across_replicas(
@@ -135,3 +147,4 @@ async def test_the_same_event_published_three_times_is_handled_once_across_repli
         emitted.append(str(delivery.message_id))
         await delivery.ack()
     assert len(emitted) == len(envelopes) == len(set(emitted))
+    print(f"\nchaos duplicates: events={len(envelopes)} published={3 * len(envelopes)} handled={len(emitted)}")
