@@ -22,14 +22,7 @@ TransportFactory = Callable[[], Awaitable[Transport]]
 
 async def until(check: Callable[[], Awaitable[bool]], *, within: float = 10.0, what: str = "condition") -> None:
     """Poll an async ``check`` until it is true; raise TimeoutError after ``within`` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while True:
-        if await check():
-            return
-        if loop.time() > deadline:
-            raise TimeoutError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.02)
+    await wait_for(check, within=within, what=what)
 
 
 async def depth_is(transport: Transport, queue: str, expected: int, *, within: float = 10.0) -> None:

@@ -14,6 +14,7 @@ import pytest
 from agents import inventory
 from choreo import Settings
 from choreo.runtime import topology_for
+from choreo.testing import wait_for
 from choreo.topology import QueueSpec, Topology
 from choreo.transport.rabbitmq import RabbitMQTransport
 
@@ -69,16 +70,14 @@ async def test_worker_handles_published_events_and_exits_0_on_sigterm(
 
         got: list[bytes] = []
 
-        async def poll() -> None:
-            while not got:
-                delivery = await observer.get(sink)
-                if delivery is not None:
-                    got.append(delivery.body)
-                    await delivery.ack()
-                else:
-                    await asyncio.sleep(0.05)
+        async def received() -> bool:
+            delivery = await observer.get(sink)
+            if delivery is not None:
+                got.append(delivery.body)
+                await delivery.ack()
+            return bool(got)
 
-        await asyncio.wait_for(poll(), 20)
+        await wait_for(received, within=20, what="inventory's answer in the sink")
         assert b'"type":"inventory.reserved"' in got[0]
         assert f'"causation_id":"{event_id}"'.encode() in got[0]
     finally:

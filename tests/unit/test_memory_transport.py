@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import pytest
 
 from choreo.errors import PublishNotConfirmed, TopologyError, TransportError
+from choreo.testing import wait_for
 from choreo.topology import QueueSpec, Topology, agent_topology
 from choreo.transport.base import Delivery, OutgoingMessage
 from choreo.transport.memory import InMemoryBroker, InMemoryTransport, topic_matches
@@ -21,14 +21,7 @@ DLQ_ARGS: dict[str, Any] = {"x-dead-letter-exchange": "", "x-dead-letter-routing
 
 async def wait_until(predicate: Callable[[], object], seconds: float = 2.0) -> None:
     """Poll ``predicate`` (sync, or returning an awaitable) until it is truthy; fail after ``seconds``."""
-    async with asyncio.timeout(seconds):
-        while True:
-            result = predicate()
-            if inspect.isawaitable(result):
-                result = await result
-            if result:
-                return
-            await asyncio.sleep(0.01)
+    await wait_for(predicate, within=seconds)
 
 
 async def wait_for_clock(deadline: float) -> None:
