@@ -31,6 +31,9 @@ DEFAULT_EXCHANGE = "choreo.events"
 # Redeliveries the broker allows (crashes, nacks with requeue) before dead-lettering by itself.
 # Handler retries do not count: they go through fresh publishes, not redeliveries.
 DEFAULT_DELIVERY_LIMIT = 10
+# A DLQ has no dead-letter target: at its delivery limit RabbitMQ would drop the message. It is
+# read by operators (fetched, then returned), so its limit is explicit but out of reach.
+DLQ_DELIVERY_LIMIT = 1_000_000
 
 ArgValue = str | int | bool
 
@@ -101,7 +104,7 @@ def agent_topology(
         bindings=tuple(sorted(set(handled_types))),
     )
     # Every quorum queue states its delivery limit: RabbitMQ 4 defaults to 20 and then drops.
-    dlq = QueueSpec(name=queues.dlq, arguments={"x-queue-type": "quorum", "x-delivery-limit": delivery_limit})
+    dlq = QueueSpec(name=queues.dlq, arguments={"x-queue-type": "quorum", "x-delivery-limit": DLQ_DELIVERY_LIMIT})
     tiers = tuple(
         QueueSpec(
             name=queues.retry(ms),

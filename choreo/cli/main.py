@@ -9,6 +9,7 @@ import click
 
 from ..errors import ChoreoError
 from .demo import demo
+from .dlq import dlq
 from .publish import publish
 from .worker import worker
 
@@ -46,6 +47,7 @@ def schemas(out: Path, check: bool) -> None:
 cli.add_command(worker)
 cli.add_command(publish)
 cli.add_command(demo)
+cli.add_command(dlq)
 
 
 def main() -> None:
