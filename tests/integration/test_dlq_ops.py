@@ -1,0 +1,136 @@
+"""Dead-letter operations end to end: a fixable failure, a restart with the fix, a replay."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from choreo import Agent, Context, Event, Keyring, Settings, Worker
+from choreo.publisher import new_envelope, to_message
+from choreo.signing import HmacKey
+from choreo.testing import wait_for
+from choreo.transport import OutgoingMessage
+from choreo.transport.rabbitmq import RabbitMQTransport
+
+from ..conftest import SECRET
+
+pytestmark = pytest.mark.rabbitmq
+
+
+class Ping(Event, type="ops.ping"):
+    n: int
+
+
+class Pong(Event, type="ops.pong"):
+    n: int
+
+
+def make_agent(handled: list[str]) -> Agent[None]:
+    agent: Agent[None] = Agent("operated")
+
+    @agent.on(Ping, Pong)
+    async def handle(event: Ping | Pong, ctx: Context[None]) -> None:
+        handled.append(ctx.event_id)
+
+    return agent
+
+
+async def choreo_cli(settings: Settings, amqp_url: str, *args: str) -> str:
+    env = {
+        **os.environ,
+        "CHOREO_AMQP_URL": amqp_url,
+        "CHOREO_EXCHANGE": settings.naming.exchange,
+        "CHOREO_QUEUE_PREFIX": settings.naming.queue_prefix,
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "choreo", *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, (out + err).decode()
+    return out.decode() + err.decode()
+
+
+async def test_fix_then_replay_brings_every_message_through_exactly_once(
+    rabbit_factory: Callable[[], Awaitable[RabbitMQTransport]], settings: Settings, amqp_url: str, tmp_path: Path
+) -> None:
+    transport = await rabbit_factory()
+    handled: list[str] = []
+    # The producer already signs with a new key, k9, that the worker does not know yet.
+    producer = Keyring.hmac(("k9", "rotated-secret"))
+    worker = Worker([make_agent(handled)], settings=settings, transport=transport)
+    await worker.start()
+    queues = settings.naming.agent_queues("operated")
+    try:
+        for n in range(10):
+            await transport.publish(
+                to_message(new_envelope("ops.ping", {"n": n}, source="p"), producer, settings.naming.exchange)
+            )
+        for n in range(5):
+            await transport.publish(
+                to_message(new_envelope("ops.pong", {"n": n}, source="p"), producer, settings.naming.exchange)
+            )
+        for _ in range(3):  # and some garbage, dead-lettered for good
+            body = b"not json"
+            await transport.publish(
+                OutgoingMessage(settings.naming.exchange, "ops.ping", body, dict(settings.keyring.sign(body)))
+            )
+        runtime = worker.runtimes[0]
+        await wait_for(lambda: runtime.stats.dead_lettered_total == 18, within=20, what="18 dead letters")
+    finally:
+        await worker.stop()
+    assert handled == []
+
+    listing = json.loads(await choreo_cli(settings, amqp_url, "dlq", "list", "operated", "--json"))["operated"]
+    assert listing["total"] == 18
+    assert listing["by_reason"] == {"signature": 15, "malformed": 3}
+    assert listing["by_type"] == {"ops.ping": 13, "ops.pong": 5}
+
+    out = await choreo_cli(settings, amqp_url, "dlq", "replay", "operated", "--reason", "signature", "--dry-run")
+    assert "would replay 15" in out
+    assert await transport.queue_depth(queues.dlq) == 18  # a dry run moves nothing
+    assert await transport.queue_depth(queues.main) == 0
+
+    # The fix: the worker now knows k9. Restart it, then replay while it runs.
+    fixed = dataclasses.replace(
+        settings,
+        keyring=Keyring(
+            settings.keyring.signer, [HmacKey.from_text("k1", SECRET), HmacKey.from_text("k9", "rotated-secret")]
+        ),
+    )
+    worker = Worker([make_agent(handled)], settings=fixed, transport=transport)
+    await worker.start()
+    try:
+        out = await choreo_cli(
+            settings, amqp_url, "dlq", "replay", "operated", "--reason", "signature", "--type", "ops.pong"
+        )
+        assert "replayed 5" in out
+        await wait_for(lambda: len(handled) == 5, within=20, what="the 5 pongs")
+        out = await choreo_cli(settings, amqp_url, "dlq", "replay", "operated", "--reason", "signature", "--rate", "50")
+        assert "replayed 10" in out
+        await wait_for(lambda: len(handled) == 15, within=20, what="the 10 pings")
+        out = await choreo_cli(settings, amqp_url, "dlq", "replay", "operated", "--reason", "signature")
+        assert "replayed 0" in out  # nothing left to loop on
+        runtime = worker.runtimes[0]
+        assert runtime.stats.duplicates == 0
+        assert runtime.stats.dead_lettered_total == 0
+    finally:
+        await worker.stop()
+    assert len(handled) == len(set(handled)) == 15  # every one exactly once
+
+    exported = tmp_path / "dlq.jsonl"
+    await choreo_cli(settings, amqp_url, "dlq", "export", "operated", str(exported))
+    lines = [json.loads(line) for line in exported.read_text().splitlines()]
+    assert [line["reason"] for line in lines] == ["malformed"] * 3
+    assert all(line["body"] == "not json" for line in lines)
+    assert await transport.queue_depth(queues.dlq) == 3  # export leaves them in place
+
+    out = await choreo_cli(settings, amqp_url, "dlq", "purge", "operated", "--reason", "malformed", "--yes")
+    assert "purged 3" in out
+    assert await transport.queue_depth(queues.dlq) == 0
