@@ -29,6 +29,7 @@ from .publisher import Publisher
 from .retry import RetryPolicy
 from .runtime import AgentRuntime, AgentStats
 from .signing import Keyring
+from .sync import SyncPublisher
 from .topology import Naming
 from .worker import Worker
 
@@ -61,6 +62,7 @@ __all__ = [
     "SchemaInvalid",
     "Settings",
     "SignatureInvalid",
+    "SyncPublisher",
     "TopologyError",
     "TransportError",
     "UnknownEventType",

@@ -73,6 +73,7 @@ def test_public_api_is_pinned_and_sorted() -> None:
         "SchemaInvalid",
         "Settings",
         "SignatureInvalid",
+        "SyncPublisher",
         "TopologyError",
         "TransportError",
         "UnknownEventType",
