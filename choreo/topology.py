@@ -23,6 +23,7 @@ __all__ = [
     "AgentQueues",
     "Naming",
     "QueueSpec",
+    "QueueState",
     "Topology",
     "agent_topology",
 ]
@@ -43,6 +44,18 @@ class QueueSpec:
     name: str
     arguments: Mapping[str, ArgValue]
     bindings: tuple[str, ...] = ()  # routing keys bound on the events exchange
+
+
+@dataclass(frozen=True, slots=True)
+class QueueState:
+    """What the broker has for a declared queue. ``drift`` maps each argument that differs
+    from the declaration to ``(declared, existing)``."""
+
+    name: str
+    exists: bool
+    depth: int = 0
+    consumers: int = 0
+    drift: Mapping[str, tuple[object, object]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

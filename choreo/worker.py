@@ -7,6 +7,7 @@ handlers finish within the grace period and settle their messages, then the conn
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from collections.abc import Sequence
@@ -14,7 +15,7 @@ from typing import Any
 
 from .agent import Agent
 from .config import Settings
-from .errors import ConfigError
+from .errors import ConfigError, TopologyError
 from .log import get_logger
 from .runtime import AgentRuntime
 from .transport.base import Transport
@@ -44,6 +45,7 @@ class Worker:
         self.transport = transport
         self.runtimes = [AgentRuntime(agent, transport, self.settings) for agent in agents]
         self.started = asyncio.Event()
+        self.topology_retry_s = 30.0
 
     async def is_ready(self) -> bool:
         """Connected and every agent's consumer attached (readiness, not just liveness)."""
@@ -108,7 +110,23 @@ class Worker:
                 except (NotImplementedError, RuntimeError):  # not the main thread / platform
                     pass
         try:
-            await self.start()
+            while True:
+                try:
+                    await self.start()
+                    break
+                except TopologyError as exc:
+                    # Exiting would become a crash loop under a restart policy: stay up, not
+                    # ready, say what differs, and look again until an operator fixes it.
+                    log.error(
+                        "topology differs from the broker; not consuming until it is fixed",
+                        error=str(exc),
+                        differences={k: {"declared": d, "existing": e} for k, (d, e) in exc.differences.items()},
+                        retry_in_s=self.topology_retry_s,
+                    )
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), self.topology_retry_s)
+                    if stop.is_set():
+                        return True
             log.info("worker ready", agents=[r.agent.name for r in self.runtimes])
             await stop.wait()
             log.info("worker stopping")

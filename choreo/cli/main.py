@@ -11,6 +11,7 @@ from ..errors import ChoreoError
 from .demo import demo
 from .dlq import dlq
 from .publish import publish
+from .topology import topology
 from .worker import worker
 
 __all__ = ["cli", "main"]
@@ -48,6 +49,7 @@ cli.add_command(worker)
 cli.add_command(publish)
 cli.add_command(demo)
 cli.add_command(dlq)
+cli.add_command(topology)
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol, Self
 
-from ..topology import Topology
+from ..topology import QueueSpec, QueueState, Topology
 
 __all__ = ["Delivery", "DeliveryHandler", "OutgoingMessage", "Subscription", "Transport"]
 
@@ -110,6 +110,10 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     async def subscribe(self, queue: str, handler: DeliveryHandler, *, prefetch: int) -> Subscription: ...
+
+    @abc.abstractmethod
+    async def inspect_queue(self, spec: QueueSpec) -> QueueState:
+        """Compare ``spec`` with the broker's queue of that name, creating nothing."""
 
     @abc.abstractmethod
     async def queue_depth(self, queue: str) -> int:

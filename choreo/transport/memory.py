@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from ..errors import PublishNotConfirmed, TopologyError, TransportError
-from ..topology import Topology
+from ..topology import QueueSpec, QueueState, Topology
 from .base import Delivery, DeliveryHandler, HeaderValue, OutgoingMessage, Subscription, Transport
 
 __all__ = ["InMemoryBroker", "InMemoryTransport", "topic_matches"]
@@ -431,6 +431,19 @@ class InMemoryTransport(Transport):
         target.consumers.append(consumer)
         self.broker._pump(target)
         return _MemorySubscription(self.broker, consumer)
+
+    async def inspect_queue(self, spec: QueueSpec) -> QueueState:
+        self._check()
+        queue = self.broker.queues.get(spec.name)
+        if queue is None:
+            return QueueState(spec.name, exists=False)
+        drift = {
+            key: (spec.arguments.get(key), queue.arguments.get(key))
+            for key in set(spec.arguments) | set(queue.arguments)
+            if spec.arguments.get(key) != queue.arguments.get(key)
+        }
+        active = [c for c in queue.consumers if c.active]
+        return QueueState(spec.name, True, len(queue.ready), len(active), drift)
 
     async def queue_depth(self, queue: str) -> int:
         self._check()

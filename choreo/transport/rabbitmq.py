@@ -24,7 +24,7 @@ import aiormq.exceptions
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
 from ..errors import PublishNotConfirmed, TopologyError, TransportError
-from ..topology import Topology
+from ..topology import QueueSpec, QueueState, Topology
 from .base import Delivery, DeliveryHandler, OutgoingMessage, Subscription, Transport
 
 __all__ = ["RabbitMQTransport"]
@@ -293,6 +293,24 @@ class RabbitMQTransport(Transport):
         sub = _RabbitSubscription(channel, amqp_queue, tag, self.connection)
         self._subs.append(sub)
         return sub
+
+    async def inspect_queue(self, spec: QueueSpec) -> QueueState:
+        """Passive declare for existence, depth and consumers; then, on an existing queue only,
+        a declare with the spec's arguments, which is a no-op when they match and otherwise
+        fails naming the differing argument (AMQP reports one difference at a time)."""
+        async with self._temp_channel() as channel:
+            try:
+                declared = await channel.declare_queue(spec.name, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                return QueueState(spec.name, exists=False)
+            result = declared.declaration_result
+        drift: dict[str, tuple[object, object]] = {}
+        async with self._temp_channel() as channel:
+            try:
+                await channel.declare_queue(spec.name, durable=True, arguments=dict(spec.arguments))
+            except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                drift = dict(_topology_error(exc, spec.name).differences)
+        return QueueState(spec.name, True, result.message_count or 0, result.consumer_count or 0, drift)
 
     async def queue_depth(self, queue: str) -> int:
         async with self._temp_channel() as channel:

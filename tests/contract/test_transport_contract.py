@@ -379,3 +379,24 @@ async def test_get_on_a_missing_queue_raises_and_leaves_publishing_working(
     assert got is not None
     assert got.body == b"still publishing"
     await got.ack()
+
+
+async def test_inspect_queue_reports_presence_depth_and_drift_without_creating(
+    transport: Transport, naming: Naming
+) -> None:
+    existing = agent_topology("inspected", ["x.y"], naming=naming, delivery_limit=3)
+    await transport.declare(existing)
+    await transport.publish(message(naming, "x.y", b"one"))
+    await depth_is(transport, naming.agent_queues("inspected").main, 1)
+    declared = agent_topology("inspected", ["x.y"], naming=naming, delivery_limit=5)
+    main = await transport.inspect_queue(declared.queues[0])
+    assert main.exists
+    assert main.depth == 1
+    assert set(main.drift) == {"x-delivery-limit"}
+    assert [str(v) for v in main.drift["x-delivery-limit"]] == ["5", "3"]
+    same = await transport.inspect_queue(existing.queues[0])
+    assert same.drift == {}
+    missing = await transport.inspect_queue(QueueSpec(f"{naming.queue_prefix}never-declared", {}))
+    assert not missing.exists
+    with pytest.raises(TransportError):  # inspecting created nothing
+        await transport.queue_depth(f"{naming.queue_prefix}never-declared")
