@@ -26,7 +26,9 @@ def traceparent(trace_id: str) -> str:
     return f"00-{trace_id}-{os.urandom(8).hex()}-01"
 
 
-def to_message(envelope: Envelope, keyring: Keyring, exchange: str, *, expiration_slack_ms: int = 0) -> OutgoingMessage:
+def to_message(
+    envelope: Envelope, keyring: Keyring, exchange: str, *, expiration_slack_ms: int = 0, body: bytes | None = None
+) -> OutgoingMessage:
     """The signed, persistent message for ``envelope``, routed by its type.
 
     The AMQP ``expiration`` is ``ttl_ms`` plus ``expiration_slack_ms`` (the consumers' clock-skew
@@ -34,7 +36,7 @@ def to_message(envelope: Envelope, keyring: Keyring, exchange: str, *, expiratio
     staleness themselves first and dead-letter it as ``expired`` with the fault headers; what the
     broker expires reaches the DLQ too, with RabbitMQ's ``x-death`` header.
     """
-    body = envelope.encode()
+    body = envelope.encode() if body is None else body  # ``body``: bytes already encoded (outbox)
     headers: dict[str, HeaderValue] = dict(keyring.sign(body))
     headers["traceparent"] = traceparent(envelope.trace_id)
     return OutgoingMessage(

@@ -10,6 +10,7 @@ import click
 from ..errors import ChoreoError
 from .demo import demo
 from .dlq import dlq
+from .outbox import outbox
 from .publish import publish
 from .topology import topology
 from .worker import worker
@@ -49,6 +50,7 @@ cli.add_command(worker)
 cli.add_command(publish)
 cli.add_command(demo)
 cli.add_command(dlq)
+cli.add_command(outbox)
 cli.add_command(topology)
 
 

@@ -1,0 +1,247 @@
+"""Transactional outbox: a service records events in its own database transaction, and a relay
+publishes them.
+
+Write the event in the same transaction as the state change it announces, so both commit or
+neither does:
+
+    with db:                                            # sqlite3: one transaction
+        db.execute("INSERT INTO orders ...")
+        choreo.outbox.write_sqlite(db, OrderPlaced(...), source="shop")
+
+    async with pg.transaction():                        # asyncpg
+        await pg.execute("INSERT INTO orders ...")
+        await choreo.outbox.write_postgres(pg, OrderPlaced(...), source="shop")
+
+Then run ``choreo outbox relay --db sqlite:///shop.db`` (or ``postgresql://...``): it publishes
+unsent rows in insertion order, each confirmed by the broker before it is marked sent. The
+envelope (and its id) is fixed when written, so a row re-published after a crash between
+confirm and mark is the same event, absorbed by the consumers' dedup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .config import Settings
+from .envelope import Envelope
+from .errors import ConfigError, TransportError
+from .events import Event
+from .log import get_logger
+from .publisher import new_envelope, to_message
+from .stores.sqlite import connect as sqlite_connect
+from .transport.base import Transport
+
+__all__ = ["OutboxRow", "Relay", "open_outbox", "write_postgres", "write_sqlite"]
+
+log = get_logger("choreo.outbox")
+TABLE = "choreo_outbox"
+
+# Separate statements: sqlite3's executescript() would COMMIT the caller's transaction first.
+_SQLITE_SCHEMA = (
+    f"""CREATE TABLE IF NOT EXISTS {TABLE} (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    type TEXT NOT NULL,
+    body BLOB NOT NULL,
+    created_at REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0),
+    sent_at REAL
+)""",
+    f"CREATE INDEX IF NOT EXISTS {TABLE}_unsent ON {TABLE} (seq) WHERE sent_at IS NULL",
+)
+_PG_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS {TABLE} (
+    seq bigserial PRIMARY KEY,
+    id text NOT NULL UNIQUE,
+    type text NOT NULL,
+    body bytea NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    sent_at timestamptz
+);
+CREATE INDEX IF NOT EXISTS {TABLE}_unsent ON {TABLE} (seq) WHERE sent_at IS NULL;
+"""
+
+
+def _envelope(event: Event, source: str, options: dict[str, Any]) -> Envelope:
+    ttl = options.pop("ttl_ms", type(event).__event_ttl_ms__)
+    return new_envelope(event.event_type(), event.model_dump(mode="json"), source=source, ttl_ms=ttl, **options)
+
+
+def write_sqlite(db: sqlite3.Connection, event: Event, *, source: str, **options: Any) -> Envelope:
+    """Record ``event`` in the outbox through ``db``, inside the caller's transaction (this does
+    not commit). Options as :meth:`choreo.Publisher.publish`. Creates the table if needed."""
+    if not _has_table(db):
+        for statement in _SQLITE_SCHEMA:
+            db.execute(statement)
+    envelope = _envelope(event, source, options)
+    db.execute(
+        f"INSERT INTO {TABLE} (id, type, body) VALUES (?, ?, ?)", (envelope.id, envelope.type, envelope.encode())
+    )
+    return envelope
+
+
+def _has_table(db: sqlite3.Connection) -> bool:
+    return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (TABLE,)).fetchone() is not None
+
+
+async def write_postgres(conn: Any, event: Event, *, source: str, **options: Any) -> Envelope:
+    """Record ``event`` through an asyncpg connection, inside the caller's transaction.
+    The table is created by the relay (``choreo outbox relay``) or :func:`ensure_postgres`."""
+    envelope = _envelope(event, source, options)
+    await conn.execute(
+        f"INSERT INTO {TABLE} (id, type, body) VALUES ($1, $2, $3)", envelope.id, envelope.type, envelope.encode()
+    )
+    return envelope
+
+
+async def ensure_postgres(conn: Any) -> None:
+    await conn.execute(_PG_SCHEMA)
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    seq: int
+    id: str
+    type: str
+    body: bytes
+
+
+class Outbox(Protocol):
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def unsent(self, limit: int) -> Sequence[OutboxRow]: ...
+    async def mark_sent(self, seqs: Sequence[int]) -> None: ...
+    async def pending(self) -> int: ...
+
+
+class SQLiteOutbox:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._db: sqlite3.Connection | None = None
+
+    async def open(self) -> None:
+        self._db = sqlite_connect(self.path)
+        for statement in _SQLITE_SCHEMA:
+            self._db.execute(statement)
+
+    async def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise RuntimeError("outbox is not open")
+        return self._db
+
+    async def unsent(self, limit: int) -> Sequence[OutboxRow]:
+        rows = self.db.execute(
+            f"SELECT seq, id, type, body FROM {TABLE} WHERE sent_at IS NULL ORDER BY seq LIMIT ?", (limit,)
+        ).fetchall()
+        return [OutboxRow(seq, id_, type_, bytes(body)) for seq, id_, type_, body in rows]
+
+    async def mark_sent(self, seqs: Sequence[int]) -> None:
+        self.db.executemany(
+            f"UPDATE {TABLE} SET sent_at = (julianday('now') - 2440587.5) * 86400.0 WHERE seq = ?", [(s,) for s in seqs]
+        )
+
+    async def pending(self) -> int:
+        return int(self.db.execute(f"SELECT count(*) FROM {TABLE} WHERE sent_at IS NULL").fetchone()[0])
+
+
+class PostgresOutbox:
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self._conn: Any = None
+
+    async def open(self) -> None:
+        import asyncpg
+
+        self._conn = await asyncpg.connect(self.dsn)
+        await ensure_postgres(self._conn)
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+    async def unsent(self, limit: int) -> Sequence[OutboxRow]:
+        rows = await self._conn.fetch(
+            f"SELECT seq, id, type, body FROM {TABLE} WHERE sent_at IS NULL ORDER BY seq LIMIT $1", limit
+        )
+        return [OutboxRow(r["seq"], r["id"], r["type"], bytes(r["body"])) for r in rows]
+
+    async def mark_sent(self, seqs: Sequence[int]) -> None:
+        await self._conn.execute(f"UPDATE {TABLE} SET sent_at = now() WHERE seq = ANY($1::bigint[])", list(seqs))
+
+    async def pending(self) -> int:
+        return int(await self._conn.fetchval(f"SELECT count(*) FROM {TABLE} WHERE sent_at IS NULL"))
+
+
+def open_outbox(url: str) -> Outbox:
+    """``sqlite:///path/to/file.db`` or ``postgresql://...``."""
+    if url.startswith("sqlite:///"):
+        return SQLiteOutbox(url[len("sqlite://") :])
+    if url.startswith(("postgres://", "postgresql://")):
+        return PostgresOutbox(url)
+    raise ConfigError(f"outbox database {url!r}: expected sqlite:///path or postgresql://...")
+
+
+class Relay:
+    """Publishes an outbox's unsent rows in order, each confirmed before it is marked sent."""
+
+    def __init__(self, outbox: Outbox, transport: Transport, settings: Settings, *, batch: int = 100) -> None:
+        self.outbox = outbox
+        self.transport = transport
+        self.settings = settings
+        self.batch = batch
+        self.published = 0
+
+    async def relay_once(self) -> int:
+        """Publish one batch; returns how many rows were sent (0 when the outbox is drained)."""
+        rows = await self.outbox.unsent(self.batch)
+        if not rows:
+            return 0
+        messages = []
+        for row in rows:
+            envelope = Envelope.model_validate_json(row.body)
+            message = to_message(
+                envelope,
+                self.settings.keyring,
+                self.settings.naming.exchange,
+                expiration_slack_ms=self.settings.clock_skew_ms,
+            )
+            message.body = row.body  # publish the stored bytes exactly, signed as they are
+            message.headers.update(self.settings.keyring.sign(row.body))
+            messages.append(message)
+        # One channel publishes in call order, so the batch keeps the outbox order.
+        await self.transport.publish_many(messages)
+        await self.outbox.mark_sent([row.seq for row in rows])
+        self.published += len(rows)
+        return len(rows)
+
+    async def run(self, stop: asyncio.Event, *, idle_s: float = 0.5) -> None:
+        """Relay until ``stop``; rides out broker outages by retrying the same rows."""
+        backoff = 0.5
+        while not stop.is_set():
+            try:
+                sent = await self.relay_once()
+                backoff = 0.5
+            except TransportError as exc:
+                log.warning("outbox publish not confirmed; retrying", error=str(exc), retry_in_s=backoff)
+                sent = 0
+                await _wait(stop, backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            if not sent:
+                await _wait(stop, idle_s)
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
