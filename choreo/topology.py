@@ -56,6 +56,9 @@ class QueueState:
     depth: int = 0
     consumers: int = 0
     drift: Mapping[str, tuple[object, object]] = field(default_factory=dict)
+    missing_bindings: tuple[str, ...] = ()
+    extra_bindings: tuple[str, ...] = ()
+    complete: bool = True  # False when the broker could only be probed over AMQP (see docs)
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from typing import Any
@@ -13,8 +14,9 @@ from rich.table import Table
 from ..agent import Agent
 from ..config import Settings
 from ..errors import TopologyError
+from ..management import Management, management_for
 from ..runtime import topology_for
-from ..topology import QueueState
+from ..topology import QueueSpec, QueueState
 from ..transport.rabbitmq import RabbitMQTransport
 from ._load import load_agent
 from ._run import run
@@ -28,14 +30,51 @@ def topology() -> None:
 
 
 def _diff_text(state: QueueState) -> str:
-    return "; ".join(f"{arg}: declared {d}, existing {e}" for arg, (d, e) in sorted(state.drift.items()))
+    parts = [f"{arg}: declared {d}, existing {e}" for arg, (d, e) in sorted(state.drift.items())]
+    parts += [f"binding {key}: declared, missing" for key in state.missing_bindings]
+    parts += [f"binding {key}: not declared, exists" for key in state.extra_bindings]
+    return "; ".join(parts)
+
+
+def _differs(state: QueueState) -> bool:
+    return bool(state.drift or state.missing_bindings or state.extra_bindings)
+
+
+async def _inspect(transport: RabbitMQTransport, api: Management | None, exchange: str, spec: QueueSpec) -> QueueState:
+    """Every argument and binding through the management API when it answers; otherwise what
+    AMQP can tell (presence, depth, consumers, first differing argument; bindings unchecked)."""
+    if api is None:
+        state = await transport.inspect_queue(spec)
+        return dataclasses.replace(state, complete=False)
+    record = await api.queue(spec.name)
+    if record is None:
+        return QueueState(spec.name, exists=False)
+    existing = record.get("arguments") or {}
+    drift = {
+        key: (spec.arguments.get(key), existing.get(key))
+        for key in set(spec.arguments) | set(existing)
+        if spec.arguments.get(key) != existing.get(key)
+    }
+    bound = await api.bindings(spec.name, exchange)
+    return QueueState(
+        spec.name,
+        True,
+        int(record.get("messages_ready") or 0),
+        int(record.get("consumers") or 0),
+        drift,
+        missing_bindings=tuple(sorted(set(spec.bindings) - bound)),
+        extra_bindings=tuple(sorted(bound - set(spec.bindings))),
+    )
 
 
 @topology.command()
 @click.argument("agents", nargs=-1, required=True)
 @url_option
+@click.option(
+    "--management-url", envvar="CHOREO_MANAGEMENT_URL", help="Management API [default: the broker host, port 15672]."
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def show(agents: tuple[str, ...], url: str | None, as_json: bool) -> None:
+def show(agents: tuple[str, ...], url: str | None, management_url: str | None, as_json: bool) -> None:
     """For each AGENT (module:agent), each queue it declares: present or missing, depth,
     consumers, bindings, and any argument that differs on the broker. Creates nothing.
     Exits 1 if anything is missing or drifted."""
@@ -45,17 +84,21 @@ def show(agents: tuple[str, ...], url: str | None, as_json: bool) -> None:
     async def work() -> list[tuple[Agent[Any], list[tuple[Any, QueueState]]]]:
         transport = RabbitMQTransport(settings.amqp_url, connection_name="choreo-topology")
         await transport.connect()
+        api: Management | None = management_for(settings.amqp_url, management_url)
+        if api is not None and not await api.available():
+            api = None
         try:
             out = []
             for agent in loaded:
                 topo = topology_for(agent, settings)
-                out.append((agent, [(spec, await transport.inspect_queue(spec)) for spec in topo.queues]))
+                rows = [(spec, await _inspect(transport, api, topo.exchange, spec)) for spec in topo.queues]
+                out.append((agent, rows))
             return out
         finally:
             await transport.close()
 
     report = run(work())
-    problems = sum(1 for _, rows in report for _, st in rows if not st.exists or st.drift)
+    problems = sum(1 for _, rows in report for _, st in rows if not st.exists or _differs(st))
     if as_json:
         data = {
             agent.name: [
@@ -67,6 +110,9 @@ def show(agents: tuple[str, ...], url: str | None, as_json: bool) -> None:
                     "bindings": list(spec.bindings),
                     "arguments": dict(spec.arguments),
                     "drift": {k: {"declared": d, "existing": e} for k, (d, e) in st.drift.items()},
+                    "missing_bindings": list(st.missing_bindings),
+                    "extra_bindings": list(st.extra_bindings),
+                    "complete": st.complete,
                 }
                 for spec, st in rows
             ]
@@ -80,7 +126,7 @@ def show(agents: tuple[str, ...], url: str | None, as_json: bool) -> None:
             for column in ("queue", "state", "depth", "consumers", "bindings (declared)", "differs"):
                 table.add_column(column)
             for spec, st in rows:
-                state = "missing" if not st.exists else ("DRIFT" if st.drift else "ok")
+                state = "missing" if not st.exists else ("DRIFT" if _differs(st) else "ok")
                 table.add_row(
                     spec.name,
                     state,
@@ -95,8 +141,13 @@ def show(agents: tuple[str, ...], url: str | None, as_json: bool) -> None:
             for spec, st in rows:
                 if not st.exists:
                     click.echo(f"missing {spec.name}")
-                elif st.drift:
+                elif _differs(st):
                     click.echo(f"DRIFT {spec.name}: {_diff_text(st)}")
+        if any(not st.complete for _, rows in report for _, st in rows):
+            click.echo(
+                "note: the management API did not answer, so bindings were not compared and only the first "
+                "differing argument of a queue is known (enable rabbitmq_management, or pass --management-url)"
+            )
         if problems:
             console.print(
                 f"{problems} queue(s) missing or different: `choreo topology apply` creates missing ones; "

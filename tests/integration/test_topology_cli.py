@@ -12,8 +12,10 @@ import pytest
 
 from agents import inventory
 from choreo import Settings
+from choreo.management import management_for
 from choreo.runtime import topology_for
 from choreo.testing import wait_for
+from choreo.topology import QueueSpec, Topology
 from choreo.transport.rabbitmq import RabbitMQTransport
 
 from .test_cli import CHOREO, cli_env, run_cli
@@ -71,3 +73,27 @@ async def test_drift_is_shown_applied_and_survived(
     proc.send_signal(signal.SIGTERM)
     await asyncio.wait_for(proc.wait(), 30)
     assert proc.returncode == 0
+
+
+async def test_management_api_shows_every_differing_argument_and_binding(
+    rabbit_factory: Callable[[], Awaitable[RabbitMQTransport]], settings: Settings, amqp_url: str
+) -> None:
+    if not await management_for(amqp_url).available():
+        pytest.skip("RabbitMQ management API not reachable (rabbitmq-plugins enable rabbitmq_management)")
+    env = cli_env(settings, amqp_url)
+    admin = await rabbit_factory()
+    drifted = dataclasses.replace(settings, delivery_limit=4)
+    topo = topology_for(inventory.agent, drifted)
+    main = topo.queues[0]
+    # The queue exists with two other arguments and without one of its bindings, plus a stray one.
+    odd = dict(main.arguments, **{"x-max-length": 1000})
+    await admin.declare(Topology(topo.exchange, (QueueSpec(main.name, odd, ("order.placed", "stray.key")),)))
+    code, out, _ = await run_cli("topology", "show", "agents.inventory:agent", env=env)
+    assert code == 1
+    line = next(x for x in out.splitlines() if x.startswith(f"DRIFT {main.name}:"))
+    assert "x-delivery-limit: declared 10, existing 4" in line
+    assert "x-max-length: declared None, existing 1000" in line
+    assert "binding payment.failed: declared, missing" in line
+    assert "binding shipping.failed: declared, missing" in line
+    assert "binding stray.key: not declared, exists" in line
+    assert "note: the management API did not answer" not in out
