@@ -50,6 +50,9 @@ class Management:
         path = f"/api/bindings/{self._vhost}/e/{quote(exchange, safe='')}/q/{quote(queue, safe='')}"
         return {str(b["routing_key"]) for b in await self.get(path)}
 
+    async def queue_names(self) -> list[str]:
+        return sorted(str(q["name"]) for q in await self.get(f"/api/queues/{self._vhost}?columns=name"))
+
     async def available(self) -> bool:
         try:
             await self.get("/api/overview")

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from .. import dlq as ops
 from ..config import Settings
+from ..management import management_for
 from ..transport.rabbitmq import RabbitMQTransport
 from ._run import run
 
@@ -67,13 +68,21 @@ def dlq() -> None:
 @url_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def list_(agents: tuple[str, ...], url: str | None, as_json: bool) -> None:
-    """Count each AGENT's dead letters by reason, event type and error (AGENTS default to
-    CHOREO_AGENTS, comma-separated)."""
+    """Count each AGENT's dead letters by reason, event type and error. Without AGENTS: those in
+    CHOREO_AGENTS (comma-separated), else every `<agent>.dlq` the management API lists."""
     names = list(agents) or [a.strip() for a in os.environ.get("CHOREO_AGENTS", "").split(",") if a.strip()]
-    if not names:
-        raise click.UsageError("name the agents, e.g. `choreo dlq list inventory payments`, or set CHOREO_AGENTS")
 
     async def work(transport: RabbitMQTransport, settings: Settings) -> list[ops.Summary]:
+        if not names:
+            api = management_for(settings.amqp_url, os.environ.get("CHOREO_MANAGEMENT_URL"))
+            if not await api.available():
+                raise click.UsageError("name the agents (`choreo dlq list inventory payments`) or set CHOREO_AGENTS")
+            prefix = settings.naming.queue_prefix
+            names.extend(
+                q[len(prefix) : -len(".dlq")]
+                for q in await api.queue_names()
+                if q.startswith(prefix) and q.endswith(".dlq")
+            )
         return [await ops.summarize(transport, settings.naming.agent_queues(n).dlq) for n in names]
 
     summaries = _with_transport(url, work)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from choreo import Agent, Context, Event, Keyring, Settings, Worker
+from choreo.management import management_for
 from choreo.publisher import new_envelope, to_message
 from choreo.signing import HmacKey
 from choreo.testing import wait_for
@@ -88,6 +89,9 @@ async def test_fix_then_replay_brings_every_message_through_exactly_once(
     assert handled == []
 
     listing = json.loads(await choreo_cli(settings, amqp_url, "dlq", "list", "operated", "--json"))["operated"]
+    if await management_for(amqp_url).available():  # without names: discovered through the API
+        discovered = json.loads(await choreo_cli(settings, amqp_url, "dlq", "list", "--json"))
+        assert discovered["operated"] == listing
     assert listing["total"] == 18
     assert listing["by_reason"] == {"signature": 15, "malformed": 3}
     assert listing["by_type"] == {"ops.ping": 13, "ops.pong": 5}
