@@ -9,7 +9,7 @@ so downstream dedup absorbs them); any other event finds the decision taken and 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Self
@@ -40,6 +40,23 @@ class AgentDB:
             self.db.execute("ROLLBACK")
             raise
         self.db.execute("COMMIT")
+
+    def decide_once(self, table: str, order_id: str, event_id: str, row: Mapping[str, object]) -> bool:
+        """Record the decision ``row`` about ``order_id``, taken by ``event_id``, unless one exists.
+
+        True when this event's decision stands (just recorded, or recorded by this same event on
+        an earlier run: emit again); False when another event already decided (emit nothing).
+        """
+        with self.transaction() as db:
+            found = db.execute(f"SELECT decided_by FROM {table} WHERE order_id = ?", (order_id,)).fetchone()
+            if found is not None:
+                return bool(found[0] == event_id)
+            columns = ["order_id", *row, "decided_by"]
+            db.execute(
+                f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                (order_id, *row.values(), event_id),
+            )
+        return True
 
     def close(self) -> None:
         self.db.close()

@@ -36,15 +36,9 @@ agent: Agent[InventoryDB] = Agent("inventory", state=InventoryDB.for_agent, vers
 @agent.on(OrderPlaced)
 async def reserve(event: OrderPlaced, ctx: Context[InventoryDB]) -> InventoryReserved | InventoryRejected | None:
     missing = [item.sku for item in event.items if item.sku.startswith("oos-")]
-    with ctx.state.transaction() as db:
-        row = db.execute("SELECT decided_by FROM reservations WHERE order_id = ?", (event.order_id,)).fetchone()
-        if row is not None and row[0] != ctx.event_id:
-            return None  # this order was already decided by another order.placed
-        if row is None:
-            db.execute(
-                "INSERT INTO reservations (order_id, status, items, decided_by) VALUES (?, ?, ?, ?)",
-                (event.order_id, "rejected" if missing else "reserved", sum(i.qty for i in event.items), ctx.event_id),
-            )
+    decision = {"status": "rejected" if missing else "reserved", "items": sum(i.qty for i in event.items)}
+    if not ctx.state.decide_once("reservations", event.order_id, ctx.event_id, decision):
+        return None  # this order was already decided by another order.placed
     if missing:
         return InventoryRejected(order_id=event.order_id, out_of_stock=missing)
     return InventoryReserved(

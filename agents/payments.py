@@ -53,21 +53,13 @@ async def capture(event: InventoryReserved, ctx: Context[PaymentsDB]) -> Payment
     declined = event.total_cents > DECLINE_ABOVE_CENTS
     if not declined:
         charge_card(event.customer_id, event.total_cents)
-    with ctx.state.transaction() as db:
-        row = db.execute("SELECT decided_by FROM charges WHERE order_id = ?", (event.order_id,)).fetchone()
-        if row is not None and row[0] != ctx.event_id:
-            return None
-        if row is None:
-            db.execute(
-                "INSERT INTO charges (order_id, status, amount_cents, currency, decided_by) VALUES (?, ?, ?, ?, ?)",
-                (
-                    event.order_id,
-                    "declined" if declined else "captured",
-                    event.total_cents,
-                    event.currency,
-                    ctx.event_id,
-                ),
-            )
+    decision = {
+        "status": "declined" if declined else "captured",
+        "amount_cents": event.total_cents,
+        "currency": event.currency,
+    }
+    if not ctx.state.decide_once("charges", event.order_id, ctx.event_id, decision):
+        return None  # one charge per order, ever
     if declined:
         return PaymentFailed(order_id=event.order_id, reason=f"declined: {event.total_cents} > {DECLINE_ABOVE_CENTS}")
     return PaymentCaptured(

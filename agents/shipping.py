@@ -28,15 +28,9 @@ agent: Agent[ShippingDB] = Agent("shipping", state=ShippingDB.for_agent, version
 @agent.on(PaymentCaptured)
 async def schedule(event: PaymentCaptured, ctx: Context[ShippingDB]) -> ShipmentScheduled | ShippingFailed | None:
     failed = event.country == "XX"
-    with ctx.state.transaction() as db:
-        row = db.execute("SELECT decided_by FROM shipments WHERE order_id = ?", (event.order_id,)).fetchone()
-        if row is not None and row[0] != ctx.event_id:
-            return None
-        if row is None:
-            db.execute(
-                "INSERT INTO shipments (order_id, status, country, decided_by) VALUES (?, ?, ?, ?)",
-                (event.order_id, "failed" if failed else "scheduled", event.country, ctx.event_id),
-            )
+    decision = {"status": "failed" if failed else "scheduled", "country": event.country}
+    if not ctx.state.decide_once("shipments", event.order_id, ctx.event_id, decision):
+        return None
     if failed:
         return ShippingFailed(order_id=event.order_id, reason=f"no carrier serves country {event.country}")
     return ShipmentScheduled(order_id=event.order_id, shipment_id=f"shp-{event.order_id}")
