@@ -151,6 +151,11 @@ class SagaReport:
         return not self.problems
 
     @property
+    def ended(self) -> int:
+        """Orders that reached a terminal event (completed or cancelled)."""
+        return self.completed + sum(self.cancelled.values())
+
+    @property
     def dead_lettered_total(self) -> int:
         return sum(self.dead_lettered.values())
 
@@ -285,7 +290,7 @@ class SagaRun:
         for agent in (*SAGA_AGENTS, self.worker.runtimes[-1].agent):
             queues = self.settings.naming.agent_queues(agent.name)
             names.append(queues.main)
-            names.extend(queues.retry(round(t * 1000)) for t in agent.retry_tiers_s)
+            names.extend(queues.retry(ms) for ms in agent.retry_tiers_ms)
         return names
 
     async def _quiet(self) -> bool:

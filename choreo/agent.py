@@ -167,6 +167,10 @@ class Agent(Generic[S]):
     def handled_types(self) -> list[str]:
         return sorted(self._handlers)
 
+    @property
+    def retry_tiers_ms(self) -> tuple[int, ...]:
+        return tuple(round(t * 1000) for t in self.retry_tiers_s)
+
     def handler_for(self, event_type: str) -> HandlerSpec | None:
         return self._handlers.get(event_type)
 

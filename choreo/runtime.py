@@ -71,7 +71,7 @@ def topology_for(agent: Agent[Any], settings: Settings) -> Topology:
         agent.handled_types,
         naming=settings.naming,
         delivery_limit=settings.delivery_limit,
-        retry_tiers_ms=tuple(round(t * 1000) for t in agent.retry_tiers_s),
+        retry_tiers_ms=agent.retry_tiers_ms,
     )
 
 
@@ -132,7 +132,7 @@ class AgentRuntime(Generic[S]):
                 f"agent {agent.name!r} may hold a message {hold_s:.0f}s, beyond RabbitMQ's consumer_timeout "
                 f"({settings.consumer_timeout_ms / 1000:.0f}s): lower its retry attempts or timeout_s"
             )
-        self._tiers_ms = tuple(round(t * 1000) for t in agent.retry_tiers_s)
+        self._tiers_ms = agent.retry_tiers_ms
         self.stats = AgentStats()
         self.state: S | None = None
         self._sub: Subscription | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -95,6 +96,22 @@ async def workers(
     yield start
     codes = [await w.stop() for w in started]
     assert all(code in (0, -signal.SIGKILL) for code in codes), codes
+
+
+def need_rabbitmqctl() -> str:
+    path = shutil.which("rabbitmqctl")
+    if path is None:
+        pytest.skip("rabbitmqctl not available to close connections from the broker side")
+    return path
+
+
+async def close_all_connections(why: str) -> None:
+    """Have the broker close every client connection, as a broker restart or failover would."""
+    proc = await asyncio.create_subprocess_exec(
+        need_rabbitmqctl(), "close_all_connections", why, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, (out + err).decode()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ duplicates across competing replicas. Nothing may be lost, nothing done twice.""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import signal
 import sqlite3
 from collections.abc import Awaitable, Callable
@@ -19,7 +18,7 @@ from choreo.testing import wait_for
 from choreo.topology import QueueSpec, Topology
 from choreo.transport.rabbitmq import RabbitMQTransport
 
-from .conftest import WorkerProcess
+from .conftest import WorkerProcess, close_all_connections, need_rabbitmqctl
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -68,11 +67,10 @@ async def test_kill_9_a_worker_mid_run_loses_nothing_and_captures_once(
     rows = captured_orders(settings.state_dir)
     assert len(rows) == paid
     assert all(count == 1 for _, count in rows)
-    ended = report.completed + sum(report.cancelled.values())
     print(
-        f"\nchaos kill-9: orders={report.orders} kills={kills} ended_at_kill={ended_at_kill} ended={ended} "
+        f"\nchaos kill-9: orders={report.orders} kills={kills} ended_at_kill={ended_at_kill} ended={report.ended} "
         f"duplicates_published={report.duplicates_published} captures={report.captures} (expected {paid}) "
-        f"lost={report.orders - ended} elapsed={report.elapsed_s:.1f}s"
+        f"lost={report.orders - report.ended} elapsed={report.elapsed_s:.1f}s"
     )
 
 
@@ -81,34 +79,23 @@ async def test_broker_closing_every_connection_mid_run_loses_nothing(
     rabbit_factory: Callable[[], Awaitable[RabbitMQTransport]],
     settings: Settings,
 ) -> None:
-    rabbitmqctl = shutil.which("rabbitmqctl")
-    if rabbitmqctl is None:
-        pytest.skip("rabbitmqctl not available to close connections from the broker side")
+    need_rabbitmqctl()
     await saga_workers(workers)
     plans = plan_orders(1000, seed=5, run_id="cc-")
     run = SagaRun(await rabbit_factory(), settings, plans, in_process=False)
     async with run:
         publishing = asyncio.create_task(run.publish_all(duplicate_every=50, inject_bad=False))
         await wait_for(lambda: run.ended >= 100, within=120, what="the run to get going")
-        proc = await asyncio.create_subprocess_exec(
-            rabbitmqctl,
-            "close_all_connections",
-            "chaos test",
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await proc.communicate()
-        assert proc.returncode == 0, (out + err).decode()
+        await close_all_connections("chaos test")
         ended_at_close = run.ended
         await publishing
         await run.wait(timeout_s=240)
     report = run.finish()
     assert ended_at_close < len(plans), "the run finished before the connections closed"
     assert report.problems == [], report.problems[:10]
-    ended = report.completed + sum(report.cancelled.values())
     print(
-        f"\nchaos close_all_connections: orders={report.orders} ended_at_close={ended_at_close} ended={ended} "
-        f"lost={report.orders - ended} elapsed={report.elapsed_s:.1f}s"
+        f"\nchaos close_all_connections: orders={report.orders} ended_at_close={ended_at_close} ended={report.ended} "
+        f"lost={report.orders - report.ended} elapsed={report.elapsed_s:.1f}s"
     )
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import sqlite3
 import sys
@@ -20,6 +19,7 @@ from choreo.testing import wait_for
 from choreo.transport.rabbitmq import RabbitMQTransport
 
 from ..conftest import SECRET
+from .conftest import close_all_connections, need_rabbitmqctl
 
 pytestmark = pytest.mark.rabbitmq
 TOTAL = 3000
@@ -54,9 +54,7 @@ def sent(path: Path) -> int:
 async def test_relay_killed_and_connections_dropped_loses_and_duplicates_nothing(
     rabbit_factory: Callable[[], Awaitable[RabbitMQTransport]], settings: Settings, amqp_url: str, tmp_path: Path
 ) -> None:
-    rabbitmqctl = shutil.which("rabbitmqctl")
-    if rabbitmqctl is None:
-        pytest.skip("rabbitmqctl not available to close connections from the broker side")
+    need_rabbitmqctl()
     db_path = tmp_path / "billing.db"
     handled: list[str] = []
     agent: Agent[None] = Agent("accounting")
@@ -93,14 +91,7 @@ async def test_relay_killed_and_connections_dropped_loses_and_duplicates_nothing
         written += write_events(db_path, 600, 2400)  # the service keeps writing while no relay runs
         relay = await start_relay()
         await wait_for(lambda: sent(db_path) >= at_kill + 50, within=60, what="the restarted relay")
-        closer = await asyncio.create_subprocess_exec(
-            rabbitmqctl,
-            "close_all_connections",
-            "outbox chaos",
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        await closer.communicate()
+        await close_all_connections("outbox chaos")
         at_close = sent(db_path)
         assert at_close < TOTAL, "relayed everything before the connections closed; it proves nothing"
         await wait_for(lambda: sent(db_path) == TOTAL, within=120, what="every row to be relayed")
