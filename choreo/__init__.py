@@ -4,6 +4,7 @@ Signed envelopes, idempotent agents, dead-letter queues and compensating events;
 README for a quickstart and ``docs/wire-format.md`` for the envelope.
 """
 
+from ._version import __version__ as __version__
 from .agent import Agent, AgentEnv, Context, Emitted, Failure
 from .config import Settings
 from .envelope import Envelope
@@ -32,8 +33,6 @@ from .signing import Keyring
 from .sync import SyncPublisher
 from .topology import Naming
 from .worker import Worker
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Agent",

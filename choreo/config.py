@@ -2,7 +2,7 @@
 
 | variable | default | meaning |
 |---|---|---|
-| CHOREO_AMQP_URL | amqp://guest:guest@localhost:5672/ | broker |
+| CHOREO_AMQP_URL | amqp://guest:guest@localhost:5672/ | broker; comma-separated URLs of cluster nodes fail over |
 | CHOREO_EXCHANGE | choreo.events | events topic exchange |
 | CHOREO_QUEUE_PREFIX | (empty) | prefix for agent queue names |
 | CHOREO_STATE_DIR | .choreo | where SQLite state and dedup files live |
@@ -16,6 +16,9 @@
 | CHOREO_DEDUP_TRANSACTIONAL | 0 | PostgreSQL only: handler writes and dedup mark commit together |
 | CHOREO_DEDUP_LEASE_S | 30 | claim lease, renewed while the handler runs; a crashed holder's claims free up after it |
 | CHOREO_DEDUP_RETENTION_S | 604800 | how long done keys are kept (duplicates later than this are not caught) |
+| CHOREO_HTTP_PORT | (off) | worker HTTP port for /metrics, /healthz, /readyz (0: any free port) |
+| CHOREO_HEARTBEAT_S | 5 | heartbeat interval on the control exchange (0: none) |
+| CHOREO_LOG_LEVEL | info | debug also logs every handled message and suppressed duplicate |
 | CHOREO_SIGNING_KEYS etc. | | see :meth:`choreo.signing.Keyring.from_env` |
 """
 
@@ -64,6 +67,8 @@ class Settings:
     dedup_transactional: bool = False
     dedup_retention_s: float = 7 * 86400.0
     dedup_lease_s: float = 30.0
+    http_port: int | None = None  # /metrics, /healthz, /readyz; None: no HTTP server
+    heartbeat_s: float = 5.0  # 0: no heartbeats
     keyring: Keyring = field(default_factory=Keyring)
 
     @classmethod
@@ -86,6 +91,8 @@ class Settings:
             dedup_transactional=env.get("CHOREO_DEDUP_TRANSACTIONAL", "").lower() in {"1", "true", "yes"},
             dedup_retention_s=float(_int(env, "CHOREO_DEDUP_RETENTION_S", 7 * 86400, minimum=1)),
             dedup_lease_s=float(_int(env, "CHOREO_DEDUP_LEASE_S", 30, minimum=1)),
+            http_port=_int(env, "CHOREO_HTTP_PORT", 0) if env.get("CHOREO_HTTP_PORT") else None,
+            heartbeat_s=float(_int(env, "CHOREO_HEARTBEAT_S", 5)),
             keyring=Keyring.from_env(env),
         )
         return replace(settings, **{k: v for k, v in overrides.items() if v is not None})

@@ -15,6 +15,7 @@ from .config import Settings
 from .envelope import Envelope
 from .events import Event
 from .ids import new_trace_id, uuid7
+from .observability import tracing as otel
 from .signing import Keyring
 from .transport.base import HeaderValue, OutgoingMessage, Transport
 
@@ -129,7 +130,11 @@ class Publisher:
         dedup_key: str | None = None,
         ttl_ms: int | None = None,
     ) -> Envelope:
-        """Publish a typed event; returns the envelope that was sent (its ``id`` included)."""
+        """Publish a typed event; returns the envelope that was sent (its ``id`` included).
+
+        With tracing on and no ``trace_id`` given, the event joins the caller's current trace."""
+        if trace_id is None and (tracing := otel.current()) is not None:
+            trace_id = tracing.current_trace_id()
         envelope = new_envelope(
             event.event_type(),
             event.model_dump(mode="json"),
@@ -146,4 +151,15 @@ class Publisher:
 
     async def publish_envelope(self, envelope: Envelope) -> None:
         message = to_message(envelope, self.keyring, self.exchange, expiration_slack_ms=self.settings.clock_skew_ms)
-        await self.transport.publish(message)
+        tracing = otel.current()
+        if tracing is None:
+            await self.transport.publish(message)
+            return
+        # The PRODUCER span's context replaces the plain traceparent: consumers hang off it.
+        span = tracing.publish(message.headers, message.routing_key, message.message_id, trace_id=envelope.trace_id)
+        try:
+            await self.transport.publish(message)
+        except BaseException as exc:
+            otel.Tracing.end(span, exc)
+            raise
+        otel.Tracing.end(span)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
@@ -40,7 +41,10 @@ from .errors import (
 )
 from .events import Event
 from .ids import derived_id
-from .log import get_logger
+from .log import bound, get_logger
+from .observability import tracing as otel
+from .observability.heartbeat import LatencyWindow
+from .observability.metrics import AgentMetrics, Metrics
 from .publisher import to_message
 from .retry import run_with_retries
 from .stores import dedup_store_for
@@ -117,6 +121,7 @@ class AgentRuntime(Generic[S]):
         *,
         dedup: DedupStore | None = None,
         lease_s: float | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.agent = agent
         self.transport = transport
@@ -144,6 +149,10 @@ class AgentRuntime(Generic[S]):
         self._renew_task: asyncio.Task[None] | None = None
         self._held: dict[str, Claim] = {}  # claims of handlers running now, renewed by _renew_leases
         self._skew = timedelta(milliseconds=settings.clock_skew_ms)
+        self.metrics: AgentMetrics = (metrics or Metrics()).for_agent(agent.name, agent.handled_types)
+        self.metrics.track_in_flight(lambda: self._in_flight)
+        self.latency = LatencyWindow()
+        self._tracing: otel.Tracing | None = None  # read at start: None means tracing is off
 
     @property
     def topology(self) -> Topology:
@@ -158,6 +167,7 @@ class AgentRuntime(Generic[S]):
 
     async def start(self) -> None:
         """Open state and dedup store, declare topology, then start consuming."""
+        self._tracing = otel.current()
         if self.agent.state_factory is not None:
             self.settings.state_dir.mkdir(parents=True, exist_ok=True)
             self.state = self.agent.state_factory(AgentEnv(self.agent.name, self.settings.state_dir))
@@ -255,12 +265,14 @@ class AgentRuntime(Generic[S]):
             if self._in_flight == 0:
                 self._idle.set()
 
-    def _decode(self, delivery: Delivery) -> tuple[Envelope, HandlerSpec, Event]:
+    def _verified_envelope(self, delivery: Delivery) -> Envelope:
         body = delivery.body
         if len(body) > self.settings.max_body_bytes:
             raise MalformedMessage(f"body of {len(body)} bytes exceeds the limit of {self.settings.max_body_bytes}")
         self.settings.keyring.verify(body, delivery.headers)
-        envelope = parse_envelope(body)
+        return parse_envelope(body)
+
+    def _resolve(self, envelope: Envelope) -> tuple[HandlerSpec, Event]:
         if envelope.ttl_ms is not None:
             deadline = envelope.issued_at + timedelta(milliseconds=envelope.ttl_ms) + self._skew
             if datetime.now(UTC) > deadline:
@@ -268,28 +280,86 @@ class AgentRuntime(Generic[S]):
         spec = self.agent.handler_for(envelope.type)
         if spec is None:
             raise UnknownEventType(f"agent {self.agent.name!r} has no handler for {envelope.type!r}")
-        event = spec.event_cls.from_payload(envelope.payload)
-        return envelope, spec, event
+        return spec, spec.event_cls.from_payload(envelope.payload)
 
     async def _process(self, delivery: Delivery) -> None:
         self.stats.received += 1
+        tracing = self._tracing
+        start_ns = time.time_ns() if tracing is not None else 0
+        metrics = self.metrics
+        envelope: Envelope | None = None
+        label = metrics.bounded(delivery.type)
         try:
-            envelope, spec, event = self._decode(delivery)
+            envelope = self._verified_envelope(delivery)
+            label = metrics.bounded(envelope.type)
+            spec, event = self._resolve(envelope)
         except MessageFault as fault:
-            await self._dead_letter(delivery, fault.reason, str(fault))
+            metrics.received(label)
+            if isinstance(fault, EventExpired):
+                metrics.expired(label)
+            fields = self._log_fields(delivery, envelope)
+            span = None
+            if tracing is not None:
+                span = tracing.consume(
+                    agent=self.agent.name,
+                    queue=self.queues.main,
+                    headers=delivery.headers,
+                    trace_id=envelope.trace_id if envelope is not None else None,
+                    event_id=fields.get("event_id"),
+                    start_ns=start_ns,
+                )
+            with bound(**fields):
+                await self._dead_letter(delivery, fault.reason, str(fault))
+            if span is not None:
+                span.finish("dead_lettered", f"{fault.reason}: {fault}")
             return
+        metrics.received(label)
+        span = None
+        if tracing is not None:
+            span = tracing.consume(
+                agent=self.agent.name,
+                queue=self.queues.main,
+                headers=delivery.headers,
+                trace_id=envelope.trace_id,
+                event_id=envelope.id,
+                start_ns=start_ns,
+            )
+            span.set(**{"choreo.event_type": envelope.type, "messaging.message.id": envelope.id})
+        outcome = "requeued"
+        try:
+            with bound(**self._log_fields(delivery, envelope)):
+                outcome = await self._claim_and_handle(delivery, envelope, spec, event)
+        finally:
+            if span is not None:
+                span.finish(outcome)
 
+    def _log_fields(self, delivery: Delivery, envelope: Envelope | None) -> dict[str, Any]:
+        """What every log line about this message carries."""
+        if envelope is None:
+            return {"agent": self.agent.name, "event_type": delivery.type, "event_id": delivery.message_id}
+        return {
+            "agent": self.agent.name,
+            "event_type": envelope.type,
+            "event_id": envelope.id,
+            "trace_id": envelope.trace_id,
+            "causation_id": envelope.causation_id,
+        }
+
+    async def _claim_and_handle(self, delivery: Delivery, envelope: Envelope, spec: HandlerSpec, event: Event) -> str:
+        """Claim the dedup key and handle; returns the outcome (for the consume span)."""
         key = envelope.effective_dedup_key
         claim = await self._claim(key)
         if claim is None:
             self.stats.duplicates += 1
+            self.metrics.duplicate(envelope.type)
+            log.debug("duplicate suppressed")
             await self._settle(delivery)
-            return
+            return "duplicate"
         local = asyncio.get_running_loop().create_future()
         self._local_claims[key] = local
         self._held[key] = claim
         try:
-            await self._handle(delivery, envelope, spec, event, claim)
+            return await self._handle(delivery, envelope, spec, event, claim)
         finally:
             del self._held[key]
             await claim.release()  # no-op once completed or released; frees it on any error
@@ -321,16 +391,29 @@ class AgentRuntime(Generic[S]):
 
     async def _handle(
         self, delivery: Delivery, envelope: Envelope, spec: HandlerSpec, event: Event, claim: Claim
-    ) -> None:
+    ) -> str:
         prior = self._prior_attempts(delivery)
         ctx: Context[Any] = Context(
             self.agent.name, envelope, self.state, attempt=prior + 1, transaction=claim.transaction
         )
         policy = self.agent.policy_for(spec)
+        tracing = self._tracing
+        metrics = self.metrics
+        event_type = envelope.type
 
         async def call() -> list[OutgoingMessage]:
-            async with claim.attempt():
-                result = await spec.fn(event, ctx)
+            started = time.perf_counter()
+            try:
+                async with claim.attempt():
+                    if tracing is None:
+                        result = await spec.fn(event, ctx)
+                    else:
+                        with tracing.handle(event_type, ctx.attempt):
+                            result = await spec.fn(event, ctx)
+            finally:
+                elapsed = time.perf_counter() - started
+                metrics.handler_seconds(event_type, elapsed)
+                self.latency.add(elapsed)
             try:
                 return self._emitted_messages(envelope, result)
             except TypeError as exc:  # a wrong return type is a bug: retrying will not fix it
@@ -340,18 +423,10 @@ class AgentRuntime(Generic[S]):
             messages, tries = await run_with_retries(call, policy)
         except HandlerError as failure:
             self.stats.failed += 1
-            log.warning(
-                "handler failed",
-                agent=self.agent.name,
-                event_type=envelope.type,
-                event_id=envelope.id,
-                trace_id=envelope.trace_id,
-                causation_id=envelope.causation_id,
-                tries=failure.tries,
-                permanent=failure.permanent,
-                error=repr(failure.error),
-            )
-            await self._on_failure(
+            metrics.failed(event_type)
+            metrics.retried(event_type, failure.tries - 1)
+            log.warning("handler failed", tries=failure.tries, permanent=failure.permanent, error=repr(failure.error))
+            return await self._on_failure(
                 delivery,
                 envelope=envelope,
                 spec=spec,
@@ -360,23 +435,41 @@ class AgentRuntime(Generic[S]):
                 claim=claim,
                 attempts=prior + failure.tries,
             )
-            return
         self.stats.retried_in_process += tries - 1
-        if await self._publish_then_ack(delivery, claim, messages):
+        metrics.retried(event_type, tries - 1)
+        if await self._publish_then_ack(delivery, claim, messages, envelope.trace_id):
             self.stats.handled += 1
+            metrics.handled(event_type)
+            log.debug("handled", emitted=len(messages), tries=tries)
+            return "handled"
+        return "requeued"
 
-    async def _publish_then_ack(self, delivery: Delivery, claim: Claim, messages: list[OutgoingMessage]) -> bool:
+    async def _publish_then_ack(
+        self, delivery: Delivery, claim: Claim, messages: list[OutgoingMessage], trace_id: str
+    ) -> bool:
         """Publish ``messages`` (confirmed), mark the claim done, ack. False if not confirmed."""
         if messages:
+            tracing = self._tracing
+            spans = (
+                [tracing.publish(m.headers, m.routing_key, m.message_id, trace_id=trace_id) for m in messages]
+                if tracing is not None
+                else []
+            )
+            started = time.perf_counter()
             try:
                 await self.transport.publish_many(messages)
             except TransportError as exc:
+                for span in spans:
+                    otel.Tracing.end(span, exc)
                 # Not confirmed: nothing is marked done, the message returns to the queue and the
                 # re-run re-emits the same ids, which downstream dedup absorbs.
                 await claim.release()
                 log.warning("emitted events not confirmed; requeueing", agent=self.agent.name, error=repr(exc))
                 await self._requeue(delivery, f"emitted events not confirmed: {exc}")
                 return False
+            self.metrics.confirm_seconds(time.perf_counter() - started)
+            for span in spans:
+                otel.Tracing.end(span)
         await claim.complete()
         self.stats.emitted += len(messages)
         await self._settle(delivery)
@@ -392,7 +485,7 @@ class AgentRuntime(Generic[S]):
         failure: HandlerError,
         claim: Claim,
         attempts: int,
-    ) -> None:
+    ) -> str:
         """Delayed retry if the failure is transient and the budget allows; otherwise the
         handler's failure event (compensation) or the DLQ."""
         policy = self.agent.policy_for(spec)
@@ -408,7 +501,10 @@ class AgentRuntime(Generic[S]):
                 delivery, self.queues.retry(tier), {ATTEMPTS: attempts, DELAYED: delayed + 1, ERROR: error}
             ):
                 self.stats.retried_delayed += 1
-            return
+                self.metrics.retried(envelope.type)
+                log.info("delayed retry scheduled", retry_queue=self.queues.retry(tier), attempts=attempts)
+                return "retry_scheduled"
+            return "requeued"
         reason: FaultReason = "handler_error" if failure.permanent else "retries_exhausted"
         if spec.on_failure is not None:
             try:
@@ -418,11 +514,14 @@ class AgentRuntime(Generic[S]):
                 error = f"{error}; on_failure raised {type(exc).__name__}: {exc}"
             else:
                 # The claim is still ours: the failure event is this event's outcome.
-                if await self._publish_then_ack(delivery, claim, messages):
+                if await self._publish_then_ack(delivery, claim, messages, envelope.trace_id):
                     self.stats.compensated += 1
-                return
+                    log.info("failure event published", reason=reason, emitted=[m.routing_key for m in messages])
+                    return "compensated"
+                return "requeued"
         await claim.release()  # a replay from the DLQ must run again
         await self._dead_letter(delivery, reason, error, attempts=attempts)
+        return "dead_lettered"
 
     def _emitted_messages(self, parent: Envelope, result: object) -> list[OutgoingMessage]:
         events = emitted_events(result)
@@ -499,7 +598,8 @@ class AgentRuntime(Generic[S]):
         }
         if await self._move(delivery, self.queues.dlq, fault):
             self.stats.dead_lettered[reason] += 1
-            log.warning("dead-lettered", agent=self.agent.name, reason=reason, error=error[:200])
+            self.metrics.dead_lettered(reason)
+            log.warning("dead-lettered", reason=reason, error=error[:200])
 
     async def _requeue(self, delivery: Delivery, error: str, *, may_dead_letter: bool = True) -> None:
         """Return the message to its queue after a backoff, for an infrastructure failure.

@@ -2,6 +2,10 @@
 
 Shutdown (SIGTERM/SIGINT, or the ``stop`` event): every agent stops consuming, in-flight
 handlers finish within the grace period and settle their messages, then the connection closes.
+
+While it runs it shows itself: ``/metrics``, ``/healthz`` and ``/readyz`` on
+``CHOREO_HTTP_PORT`` (when set), a heartbeat per agent every ``CHOREO_HEARTBEAT_S`` on the
+control exchange, and spans when the ``OTEL_*`` variables turn tracing on.
 """
 
 from __future__ import annotations
@@ -13,10 +17,14 @@ import signal
 from collections.abc import Sequence
 from typing import Any
 
+from ._version import __version__
 from .agent import Agent
 from .config import Settings
 from .errors import ConfigError, TopologyError
 from .log import get_logger
+from .observability.heartbeat import Heartbeat
+from .observability.http import HealthServer
+from .observability.metrics import CONTENT_TYPE, Metrics
 from .runtime import AgentRuntime
 from .transport.base import Transport
 
@@ -32,6 +40,7 @@ class Worker:
         *,
         settings: Settings | None = None,
         transport: Transport | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         names = [a.name for a in agents]
         if len(set(names)) != len(names):
@@ -43,15 +52,73 @@ class Worker:
 
             transport = RabbitMQTransport(self.settings.amqp_url, connection_name=f"choreo-worker:{','.join(names)}")
         self.transport = transport
-        self.runtimes = [AgentRuntime(agent, transport, self.settings) for agent in agents]
+        self.metrics = metrics or Metrics()
+        self.runtimes = [AgentRuntime(agent, transport, self.settings, metrics=self.metrics) for agent in agents]
         self.started = asyncio.Event()
         self.topology_retry_s = 30.0
+        port = self.settings.http_port
+        self.http = (
+            HealthServer(port=port, readiness=self.readiness, metrics=self._exposition) if port is not None else None
+        )
+        self.heartbeat = (
+            Heartbeat(
+                transport,
+                self.settings.naming,
+                self.settings.keyring,
+                self._heartbeat_fields,
+                interval_s=self.settings.heartbeat_s,
+                version=__version__,
+            )
+            if self.settings.heartbeat_s > 0
+            else None
+        )
+        self._heartbeat_task: asyncio.Task[None] | None = None
 
     async def is_ready(self) -> bool:
         """Connected and every agent's consumer attached (readiness, not just liveness)."""
-        if not self.transport.connected:
-            return False
-        return all([await r.is_attached() for r in self.runtimes])
+        ready, _ = await self.readiness()
+        return ready
+
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Readiness and why: connected, started, and each agent's consumer attached."""
+        connected = self.transport.connected
+        attached = {r.agent.name: connected and await r.is_attached() for r in self.runtimes}
+        for runtime in self.runtimes:
+            runtime.metrics.set_attached(attached[runtime.agent.name])
+        ready = connected and self.started.is_set() and all(attached.values())
+        self.metrics.ready.set(1 if ready else 0)
+        return ready, {"connected": connected, "started": self.started.is_set(), "consumers_attached": attached}
+
+    async def _exposition(self) -> tuple[bytes, str]:
+        await self.readiness()  # gauges that need the broker's view are read at scrape time
+        return self.metrics.exposition(), CONTENT_TYPE
+
+    async def _heartbeat_fields(self) -> list[dict[str, Any]]:
+        ready, details = await self.readiness()
+        return [
+            {
+                "agent": r.agent.name,
+                "types": list(r.agent.handled_types),
+                "ready": ready,
+                "attached": details["consumers_attached"][r.agent.name],
+                "handled": r.stats.handled,
+                "duplicates": r.stats.duplicates,
+                "failed": r.stats.failed,
+                "dead_lettered": r.stats.dead_lettered_total,
+                "in_flight": r.in_flight,
+                "latency_ms": r.latency.percentiles_ms(),
+            }
+            for r in self.runtimes
+        ]
+
+    async def start_http(self) -> None:
+        """Serve /metrics, /healthz and /readyz (if a port is configured); idempotent."""
+        if self.http is not None and self.http._server is None:
+            await self.http.start()
+
+    async def close_http(self) -> None:
+        if self.http is not None:
+            await self.http.close()
 
     async def start(self) -> None:
         self._check_keys()
@@ -68,6 +135,9 @@ class Worker:
             if self._owns_transport:
                 await self.transport.close()
             raise
+        if self.heartbeat is not None:
+            await self.heartbeat.declare()
+            self._heartbeat_task = asyncio.get_running_loop().create_task(self.heartbeat.run())
         self.started.set()
 
     def _check_keys(self) -> None:
@@ -85,6 +155,12 @@ class Worker:
             )
 
     async def stop(self) -> bool:
+        self.started.clear()  # not ready from here on: let load balancers look elsewhere
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat_task
+            self._heartbeat_task = None
         results = await asyncio.gather(*(r.stop() for r in self.runtimes))
         if self._owns_transport:
             await self.transport.close()
@@ -110,6 +186,7 @@ class Worker:
                 except (NotImplementedError, RuntimeError):  # not the main thread / platform
                     pass
         try:
+            await self.start_http()  # /healthz answers, and /readyz says 503, while connecting
             while True:
                 try:
                     await self.start()
@@ -132,5 +209,6 @@ class Worker:
             log.info("worker stopping")
             return await self.stop()
         finally:
+            await self.close_http()
             for sig in installed:
                 loop.remove_signal_handler(sig)

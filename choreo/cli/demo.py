@@ -21,6 +21,7 @@ from ..agent import Agent
 from ..config import Settings
 from ..errors import TransportError
 from ..log import configure
+from ..observability.heartbeat import control_exchange
 from ..runtime import topology_for
 from ..signing import Keyring
 from ..topology import Naming
@@ -135,5 +136,6 @@ async def _cleanup(transport: Transport, settings: Settings, agents: list[Agent[
         for queue in topology_for(agent, settings).queues:
             with contextlib.suppress(TransportError, TimeoutError, OSError):
                 await transport.delete_queue(queue.name)
-    with contextlib.suppress(TransportError, TimeoutError, OSError):
-        await transport.delete_exchange(settings.naming.exchange)
+    for exchange in (settings.naming.exchange, control_exchange(settings.naming)):
+        with contextlib.suppress(TransportError, TimeoutError, OSError):
+            await transport.delete_exchange(exchange)

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from ..errors import ChoreoError
+from .agents import agents
 from .demo import demo
 from .dlq import dlq
 from .outbox import outbox
@@ -47,6 +48,7 @@ def schemas(out: Path, check: bool) -> None:
 
 
 cli.add_command(worker)
+cli.add_command(agents)
 cli.add_command(publish)
 cli.add_command(demo)
 cli.add_command(dlq)

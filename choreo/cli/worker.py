@@ -9,6 +9,7 @@ import click
 
 from ..config import Settings
 from ..log import configure
+from ..observability import tracing
 from ..worker import Worker
 from ._load import load_agent
 from ._run import run
@@ -19,17 +20,29 @@ from ._run import run
 @click.option("--url", envvar="CHOREO_AMQP_URL", help="Broker URL [env CHOREO_AMQP_URL].")
 @click.option("--prefetch", type=click.IntRange(min=1), help="Unacked deliveries per agent [env CHOREO_PREFETCH].")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), help="[env CHOREO_STATE_DIR]")
+@click.option(
+    "--http-port",
+    type=click.IntRange(min=0, max=65535),
+    help="Serve /metrics, /healthz and /readyz on this port [env CHOREO_HTTP_PORT; default: off].",
+)
 @click.option("--json-logs/--console-logs", default=None, help="Log format (default: JSON unless on a terminal).")
 def worker(
-    agents: tuple[str, ...], url: str | None, prefetch: int | None, state_dir: Path | None, json_logs: bool | None
+    agents: tuple[str, ...],
+    url: str | None,
+    prefetch: int | None,
+    state_dir: Path | None,
+    http_port: int | None,
+    json_logs: bool | None,
 ) -> None:
     """Run AGENTS (e.g. agents.inventory:agent) until SIGTERM or SIGINT.
 
     On a signal the worker stops consuming, lets in-flight handlers finish (up to
-    CHOREO_SHUTDOWN_GRACE_S), settles their messages and exits 0.
+    CHOREO_SHUTDOWN_GRACE_S), settles their messages and exits 0. Traces are exported when the
+    standard OTEL_* variables ask for it (e.g. OTEL_TRACES_EXPORTER=otlp).
     """
     configure(json=json_logs)
     loaded = [load_agent(spec) for spec in agents]
-    settings = Settings.from_env(amqp_url=url, prefetch=prefetch, state_dir=state_dir)
+    settings = Settings.from_env(amqp_url=url, prefetch=prefetch, state_dir=state_dir, http_port=http_port)
+    tracing.configure_from_env(service_name=",".join(a.name for a in loaded))
     clean = run(Worker(loaded, settings=settings).run())
     sys.exit(0 if clean else 3)
