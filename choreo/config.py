@@ -52,6 +52,19 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
     return value
 
 
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if value < 0:
+        raise ConfigError(f"{name} must be >= 0, got {value}")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     amqp_url: str = DEFAULT_AMQP_URL
@@ -92,7 +105,7 @@ class Settings:
             dedup_retention_s=float(_int(env, "CHOREO_DEDUP_RETENTION_S", 7 * 86400, minimum=1)),
             dedup_lease_s=float(_int(env, "CHOREO_DEDUP_LEASE_S", 30, minimum=1)),
             http_port=_int(env, "CHOREO_HTTP_PORT", 0) if env.get("CHOREO_HTTP_PORT") else None,
-            heartbeat_s=float(_int(env, "CHOREO_HEARTBEAT_S", 5)),
+            heartbeat_s=_float(env, "CHOREO_HEARTBEAT_S", 5.0),
             keyring=Keyring.from_env(env),
         )
         return replace(settings, **{k: v for k, v in overrides.items() if v is not None})

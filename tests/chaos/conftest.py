@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 
 from choreo import Settings
+from choreo.observability.heartbeat import control_exchange
 from choreo.runtime import topology_for
 from choreo.testing import wait_for
+from choreo.topology import Topology
 from choreo.transport.rabbitmq import RabbitMQTransport
 
 from ..conftest import SECRET
@@ -82,6 +84,9 @@ async def workers(
         **worker_env,
     }
     started: list[WorkerProcess] = []
+    # Declared here, through the tracked connection, so the workers' heartbeat exchange is
+    # deleted with the rest of the test's namespace.
+    await admin.declare(Topology(control_exchange(settings.naming)))
 
     async def start(spec: str) -> WorkerProcess:
         from choreo.cli._load import load_agent
