@@ -68,8 +68,19 @@ DEFAULT_RETRY = RetryPolicy()
 
 
 async def run_with_retries(call: Callable[[], Awaitable[T]], policy: RetryPolicy) -> tuple[T, int]:
-    """Run ``call`` under ``policy``; return (result, tries) or raise :class:`HandlerError`."""
-    tries = 0
+    """Run ``call`` under ``policy``; return (result, tries) or raise :class:`HandlerError`.
+
+    The first try runs directly (the common case, kept cheap); tenacity takes over only after a
+    retryable failure, with the same exponential backoff as if it had run the first try too.
+    """
+    tries = 1
+    try:
+        async with asyncio.timeout(policy.timeout_s):
+            return await call(), tries
+    except Exception as exc:
+        if policy.is_permanent(exc) or policy.attempts <= 1:
+            raise HandlerError(exc, tries, permanent=policy.is_permanent(exc)) from exc
+    await asyncio.sleep(min(policy.backoff_s, policy.max_backoff_s))
 
     async def attempt() -> T:
         nonlocal tries
@@ -77,9 +88,10 @@ async def run_with_retries(call: Callable[[], Awaitable[T]], policy: RetryPolicy
         async with asyncio.timeout(policy.timeout_s):
             return await call()
 
+    # Attempt k of this loop is try k+1 overall: its wait is backoff * 2**k.
     retrying = tenacity.AsyncRetrying(
-        stop=tenacity.stop_after_attempt(policy.attempts),
-        wait=tenacity.wait_exponential(multiplier=policy.backoff_s, min=policy.backoff_s, max=policy.max_backoff_s),
+        stop=tenacity.stop_after_attempt(policy.attempts - 1),
+        wait=tenacity.wait_exponential(multiplier=policy.backoff_s * 2, min=policy.backoff_s, max=policy.max_backoff_s),
         retry=tenacity.retry_if_exception(lambda exc: not policy.is_permanent(exc)),
         reraise=True,
     )

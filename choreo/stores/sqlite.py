@@ -4,13 +4,21 @@ SQLite calls are short local writes, so they run inline on the event loop rather
 thread (a thread hop costs more than the write). ``synchronous=NORMAL`` in WAL mode keeps a
 committed mark across a process crash (``kill -9``); only an OS crash can lose the last
 commits, which then re-run as at-least-once deliveries and are absorbed by handler idempotency.
+
+Group commit: claims and completions requested in the same event-loop turn (a burst of
+deliveries, handlers finishing together) run in one transaction, committed before any of their
+callers resumes. A caller of :meth:`complete` therefore still acks only after its mark is
+committed; the commit, not the guarantee, is shared.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .base import ClaimResult, LeaseStoreMixin
 
@@ -40,10 +48,82 @@ def connect(path: str | Path) -> sqlite3.Connection:
     return db
 
 
+_Op = Callable[[sqlite3.Connection], Any]
+
+
+class _GroupCommit:
+    """Runs the operations queued during one event-loop turn in one transaction."""
+
+    __slots__ = ("_db", "_pending", "_scheduled")
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+        self._pending: list[tuple[_Op, asyncio.Future[Any]]] = []
+        self._scheduled = False
+
+    def submit(self, op: _Op) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._pending.append((op, future))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        batch, self._pending = self._pending, []
+        db = self._db
+        results: list[Any] = []
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                results = [op(db) for op, _ in batch]
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        except Exception as exc:  # every caller of this batch sees the failure; none was committed
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():  # its caller may have been cancelled meanwhile
+                future.set_result(result)
+
+
+def _claim(db: sqlite3.Connection, agent: str, key: str, lease_s: float) -> ClaimResult:
+    now = time.time()
+    row = db.execute(
+        "INSERT INTO choreo_dedup (agent, key, done, lease_until, updated_at) VALUES (?, ?, 0, ?, ?) "
+        "ON CONFLICT (agent, key) DO UPDATE "
+        "SET lease_until = excluded.lease_until, updated_at = excluded.updated_at "
+        "WHERE choreo_dedup.done = 0 AND choreo_dedup.lease_until <= excluded.updated_at "
+        "RETURNING done",
+        (agent, key, now + lease_s, now),
+    ).fetchone()
+    if row is not None:
+        return "claimed"
+    # In the same transaction as the insert, so the row cannot vanish in between.
+    existing = db.execute("SELECT done FROM choreo_dedup WHERE agent = ? AND key = ?", (agent, key)).fetchone()
+    return "done" if existing[0] else "busy"
+
+
+def _complete(db: sqlite3.Connection, agent: str, key: str) -> None:
+    now = time.time()
+    db.execute(
+        "INSERT INTO choreo_dedup (agent, key, done, lease_until, updated_at) VALUES (?, ?, 1, ?, ?) "
+        "ON CONFLICT (agent, key) DO UPDATE SET done = 1, updated_at = excluded.updated_at",
+        (agent, key, now, now),
+    )
+
+
 class SQLiteDedupStore(LeaseStoreMixin):
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._db: sqlite3.Connection | None = None
+        self._group: _GroupCommit | None = None
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -57,36 +137,26 @@ class SQLiteDedupStore(LeaseStoreMixin):
         db = connect(self.path)
         db.executescript(_SCHEMA)
         self._db = db
+        self._group = _GroupCommit(db)
 
     async def close(self) -> None:
         if self._db is not None:
             self._db.close()
             self._db = None
+            self._group = None
+
+    @property
+    def group(self) -> _GroupCommit:
+        if self._group is None:
+            raise RuntimeError("SQLiteDedupStore is not open")
+        return self._group
 
     async def claim(self, agent: str, key: str, *, lease_s: float) -> ClaimResult:
-        now = time.time()
-        row = self.db.execute(
-            "INSERT INTO choreo_dedup (agent, key, done, lease_until, updated_at) VALUES (?, ?, 0, ?, ?) "
-            "ON CONFLICT (agent, key) DO UPDATE "
-            "SET lease_until = excluded.lease_until, updated_at = excluded.updated_at "
-            "WHERE choreo_dedup.done = 0 AND choreo_dedup.lease_until <= excluded.updated_at "
-            "RETURNING done",
-            (agent, key, now + lease_s, now),
-        ).fetchone()
-        if row is not None:
-            return "claimed"
-        existing = self.db.execute("SELECT done FROM choreo_dedup WHERE agent = ? AND key = ?", (agent, key)).fetchone()
-        if existing is None:  # released between the two statements
-            return await self.claim(agent, key, lease_s=lease_s)
-        return "done" if existing[0] else "busy"
+        result: ClaimResult = await self.group.submit(lambda db: _claim(db, agent, key, lease_s))
+        return result
 
     async def complete(self, agent: str, key: str) -> None:
-        now = time.time()
-        self.db.execute(
-            "INSERT INTO choreo_dedup (agent, key, done, lease_until, updated_at) VALUES (?, ?, 1, ?, ?) "
-            "ON CONFLICT (agent, key) DO UPDATE SET done = 1, updated_at = excluded.updated_at",
-            (agent, key, now, now),
-        )
+        await self.group.submit(lambda db: _complete(db, agent, key))
 
     async def release(self, agent: str, key: str) -> None:
         self.db.execute("DELETE FROM choreo_dedup WHERE agent = ? AND key = ? AND done = 0", (agent, key))
