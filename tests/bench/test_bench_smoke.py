@@ -1,0 +1,42 @@
+"""The benchmark harness runs end to end at a tiny size (figures are not checked: CI is noisy)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+pytestmark = pytest.mark.rabbitmq
+
+ROOT = Path(__file__).resolve().parents[2]
+NUMBER = r"\d+(?:\.\d+)?"
+
+
+def test_quick_bench_runs_and_prints_the_ratio_line(amqp_url: str) -> None:
+    parsed = urlparse(amqp_url)
+    if parsed.hostname not in ("127.0.0.1", "localhost") or (parsed.port or 5672) != 5672:
+        pytest.skip("the shared baseline scripts only talk to the local broker on 127.0.0.1:5672")
+    command = [
+        sys.executable,
+        str(ROOT / "bench" / "run.py"),
+        *("--quick", "--count", "300", "--only", "choreo,raw", "--saga-seconds", "2", "--no-write"),
+        *("--url", amqp_url),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=ROOT, check=False)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("ratios: "), output[-3000:]
+    for pattern in (
+        rf"consume choreo/raw={NUMBER}x",
+        rf"publish choreo/raw={NUMBER}x",
+        rf"cpu/msg choreo/raw={NUMBER}x",
+        rf"saga hop p99 choreo/raw={NUMBER}x@100/s",
+        rf"rss idle={NUMBER}MB growth=[+-]{NUMBER}MB",
+    ):
+        assert re.search(pattern, last), f"{pattern!r} not in {last!r}"
+    assert "FAILED" not in done.stdout, output[-3000:]
