@@ -2,6 +2,8 @@
 
 - One robust connection; aio-pika re-opens channels and re-establishes consumers after a
   reconnect or a broker-side consumer cancel.
+- Several comma-separated URLs (the nodes of one cluster): connecting tries them in order;
+  after a lost connection or a failed attempt, the next reconnect goes to the next URL.
 - Publishing goes through one channel with publisher confirms; ``publish`` returns only
   after the broker's ack. Mandatory publishes (queue moves) raise when unroutable.
 - Each subscription has its own channel, so its prefetch and failures are its own.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import urllib.parse
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -21,13 +24,40 @@ from typing import Any, cast
 import aio_pika
 import aio_pika.abc
 import aiormq.exceptions
+from aio_pika.connection import make_url
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+from yarl import URL
 
-from ..errors import PublishNotConfirmed, TopologyError, TransportError
+from ..errors import ConfigError, PublishNotConfirmed, TopologyError, TransportError
 from ..topology import QueueSpec, QueueState, Topology
 from .base import Delivery, DeliveryHandler, OutgoingMessage, Subscription, Transport
 
-__all__ = ["RabbitMQTransport"]
+__all__ = ["RabbitMQTransport", "amqp_urls"]
+
+# A comma separates two URLs only where the next one starts (``scheme://``): commas inside a
+# password or a query string stay where they are.
+_URL_SEPARATOR = re.compile(r"\s*,\s*(?=[a-z][a-z0-9+.-]*://)", re.IGNORECASE)
+
+
+def amqp_urls(value: str) -> tuple[str, ...]:
+    """The broker URLs in ``value`` (``CHOREO_AMQP_URL``): one URL, or several separated by
+    commas (the nodes of one cluster), in the order given. Each is complete on its own
+    (credentials, vhost, query); stray commas and blanks around them are ignored."""
+    pieces = (piece.strip().rstrip(",").rstrip() for piece in _URL_SEPARATOR.split(value.strip()))
+    urls = tuple(url for url in pieces if url)
+    if not urls:
+        raise ConfigError("CHOREO_AMQP_URL is empty")
+    for url in urls:
+        try:
+            parts = urllib.parse.urlsplit(url)
+            host = parts.hostname
+            parts.port  # noqa: B018  (raises on a port that is not a number)
+        except ValueError:
+            host = None
+        if parts.scheme.lower() not in ("amqp", "amqps") or not host or any(c.isspace() for c in url):
+            raise ConfigError(f"not an amqp:// or amqps:// URL with a host: {_redact(url)!r}")
+    return urls
+
 
 _INEQUIVALENT = re.compile(
     r"inequivalent arg '(?P<arg>[^']+)' for (?P<kind>queue|exchange) '(?P<name>[^']+)'.*?"
@@ -152,12 +182,37 @@ class _RabbitSubscription:
                 await asyncio.wait_for(self._channel.close(), 5.0)
 
 
+class _FailoverConnection(aio_pika.RobustConnection):
+    """A robust connection that moves on to the next URL whenever a connection closes.
+
+    aio-pika reports both a lost connection and a failed connection attempt through
+    ``_on_connection_close`` (the underlay connect calls it before raising), and every attempt,
+    first or re-, connects to ``self.url``. Advancing ``self.url`` there, before the robust
+    connection schedules its next attempt, makes reconnects go round the URLs; channels and
+    consumers are restored on whichever node answers. With one URL nothing changes.
+    """
+
+    def __init__(self, urls: Sequence[URL], **kwargs: Any) -> None:
+        super().__init__(urls[0], **kwargs)
+        self.urls = tuple(urls)
+        self._at = 0
+
+    async def _on_connection_close(self, closing: asyncio.Future[Any]) -> None:
+        if not self.close_called and len(self.urls) > 1:
+            self._at = (self._at + 1) % len(self.urls)
+            self.url = self.urls[self._at]
+        await super()._on_connection_close(closing)
+
+
 class RabbitMQTransport(Transport):
+    """``url`` is one AMQP URL or several comma-separated ones (nodes of one cluster)."""
+
     def __init__(self, url: str, *, connection_name: str = "choreo", timeout: float = 10.0) -> None:
         self.url = url
+        self.urls = amqp_urls(url)
         self.connection_name = connection_name
         self.timeout = timeout
-        self._conn: aio_pika.abc.AbstractRobustConnection | None = None
+        self._conn: _FailoverConnection | None = None
         self._pub: aio_pika.abc.AbstractRobustChannel | None = None
         self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
         self._subs: list[_RabbitSubscription] = []
@@ -173,13 +228,32 @@ class RabbitMQTransport(Transport):
             raise TransportError("not connected: use `async with transport` or await connect()")
         return self._conn
 
+    @property
+    def connected_url(self) -> str | None:
+        """The URL (password masked) of the node the connection uses, or tries next while
+        reconnecting."""
+        return None if self._conn is None else _redact(str(self._conn.url))
+
     async def connect(self) -> None:
-        try:
-            self._conn = await aio_pika.connect_robust(
-                self.url, timeout=self.timeout, client_properties={"connection_name": self.connection_name}
+        """Connect to the first URL that answers, in order; reconnects later rotate from there."""
+        urls = [make_url(url) for url in self.urls]
+        failures: list[str] = []
+        for start in range(len(urls)):
+            conn = _FailoverConnection(
+                urls[start:] + urls[:start], client_properties={"connection_name": self.connection_name}
             )
-        except (TimeoutError, *CONNECTION_EXCEPTIONS, OSError) as exc:
-            raise TransportError(f"cannot connect to RabbitMQ at {_redact(self.url)}: {exc!r}") from exc
+            try:
+                await conn.connect(timeout=self.timeout)
+            except (TimeoutError, *CONNECTION_EXCEPTIONS, OSError) as exc:
+                failures.append(f"{_redact(self.urls[start])}: {exc!r}")
+                with contextlib.suppress(TimeoutError, *CONNECTION_EXCEPTIONS, RuntimeError):
+                    await asyncio.wait_for(conn.close(), 10.0)
+                continue
+            self._conn = conn
+            break
+        else:
+            where = failures[0] if len(failures) == 1 else "any of " + "; ".join(failures)
+            raise TransportError(f"cannot connect to RabbitMQ at {where}")
         self._pub = await self._conn.channel(publisher_confirms=True, on_return_raises=True)
 
     async def close(self) -> None:
