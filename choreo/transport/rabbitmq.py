@@ -5,7 +5,12 @@
 - Several comma-separated URLs (the nodes of one cluster): connecting tries them in order;
   after a lost connection or a failed attempt, the next reconnect goes to the next URL.
 - Publishing goes through one channel with publisher confirms; ``publish`` returns only
-  after the broker's ack. Mandatory publishes (queue moves) raise when unroutable.
+  after the broker's ack. Mandatory publishes (queue moves) raise when unroutable. Messages
+  go straight to the aiormq channel with prebuilt properties (aio-pika's ``Message`` wrapper
+  costs more than the rest of a publish).
+- Acks are batched per channel: the acks requested in one event-loop turn go out as one
+  ``basic.ack multiple=True`` for the longest run of settled delivery tags, plus single acks
+  for settled tags after a gap (a slow message never holds back the others' acks).
 - Each subscription has its own channel, so its prefetch and failures are its own.
 - Declarations run on a throwaway channel: a ``PRECONDITION_FAILED`` closes only that
   channel and becomes a :class:`~choreo.errors.TopologyError` naming the differing argument.
@@ -14,18 +19,21 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import re
 import urllib.parse
 from collections.abc import AsyncIterator, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, cast
 
 import aio_pika
 import aio_pika.abc
+import aiormq.abc
 import aiormq.exceptions
 from aio_pika.connection import make_url
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+from aiormq import spec as amqp_spec
 from yarl import URL
 
 from ..errors import ConfigError, PublishNotConfirmed, TopologyError, TransportError
@@ -84,11 +92,109 @@ def _topology_error(exc: BaseException, entity: str) -> TopologyError:
     return TopologyError(f"cannot declare {entity!r}: {text}", entity=entity)
 
 
-class _RabbitDelivery:
-    __slots__ = ("_msg",)
+_PENDING, _TO_ACK, _SENT = 0, 1, 2
 
-    def __init__(self, msg: aio_pika.abc.AbstractIncomingMessage) -> None:
+
+class _ChannelAcks:
+    """Delivery tags of one aiormq channel, in delivery order, with their settle state."""
+
+    __slots__ = ("channel", "lock", "order", "state", "waiters")
+
+    def __init__(self, channel: aiormq.abc.AbstractChannel) -> None:
+        self.channel = channel
+        # One flush at a time per channel: a later flush's multiple ack must not overtake an
+        # earlier flush's single acks, or it would ack their tags first (an unknown-tag channel error).
+        self.lock = asyncio.Lock()
+        self.order: collections.deque[int] = collections.deque()
+        self.state: dict[int, int] = {}
+        self.waiters: list[asyncio.Future[None]] = []
+
+
+class _AckBatcher:
+    """Collects the acks of one subscription and sends them once per event-loop turn.
+
+    ``basic.ack multiple=True`` for tag T acks every unacked tag up to T on that channel, so T
+    is only ever the last to-ack tag of a prefix in which every tag is settled by us. Nacks go
+    out at once and count as settled. A waiter of :meth:`ack` resumes once its frame is written.
+    """
+
+    def __init__(self) -> None:
+        self._channels: dict[int, _ChannelAcks] = {}
+        self._flush_task: asyncio.Task[None] | None = None
+
+    def delivered(self, channel: aiormq.abc.AbstractChannel, tag: int) -> None:
+        acks = self._channels.get(id(channel))
+        if acks is None or acks.channel is not channel:
+            acks = self._channels[id(channel)] = _ChannelAcks(channel)
+            # Channels of earlier connections are gone; their unacked messages are redelivered.
+            for key in [k for k, a in self._channels.items() if a.channel.is_closed and a is not acks]:
+                del self._channels[key]
+        acks.order.append(tag)
+        acks.state[tag] = _PENDING
+
+    def ack(self, channel: aiormq.abc.AbstractChannel, tag: int) -> asyncio.Future[None]:
+        acks = self._channels[id(channel)]
+        acks.state[tag] = _TO_ACK
+        future = asyncio.get_running_loop().create_future()
+        acks.waiters.append(future)
+        if self._flush_task is None:
+            self._flush_task = asyncio.get_running_loop().create_task(self._flush())
+        return future
+
+    def settled(self, channel: aiormq.abc.AbstractChannel, tag: int) -> None:
+        """``tag`` was nacked or rejected on its own."""
+        acks = self._channels.get(id(channel))
+        if acks is not None and tag in acks.state:
+            acks.state[tag] = _SENT
+
+    async def _flush(self) -> None:
+        await asyncio.sleep(0)  # let every handler finishing in this turn add its ack
+        self._flush_task = None
+        for acks in list(self._channels.values()):
+            if acks.waiters:
+                await self._flush_channel(acks)
+
+    @staticmethod
+    async def _flush_channel(acks: _ChannelAcks) -> None:
+        async with acks.lock:
+            if acks.waiters:
+                await _AckBatcher._send(acks)
+
+    @staticmethod
+    async def _send(acks: _ChannelAcks) -> None:
+        waiters, acks.waiters = acks.waiters, []
+        order, state = acks.order, acks.state
+        last = 0
+        while order and state[order[0]] != _PENDING:  # the settled prefix
+            tag = order.popleft()
+            if state.pop(tag) == _TO_ACK:
+                last = tag
+        singles = [tag for tag, st in state.items() if st == _TO_ACK]  # settled after a gap
+        for tag in singles:
+            state[tag] = _SENT
+        error: BaseException | None = None
+        try:
+            if last:
+                await acks.channel.basic_ack(last, multiple=True)
+            for tag in singles:
+                await acks.channel.basic_ack(tag)
+        except (*CONNECTION_EXCEPTIONS, RuntimeError) as exc:
+            error = TransportError(f"ack failed (the broker will redeliver): {exc!r}")
+        for future in waiters:
+            if future.done():
+                continue
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
+
+
+class _RabbitDelivery:
+    __slots__ = ("_acks", "_msg")
+
+    def __init__(self, msg: aio_pika.abc.AbstractIncomingMessage, acks: _AckBatcher | None = None) -> None:
         self._msg = msg
+        self._acks = acks  # None: ack on its own (basic.get, where several stay unacked on purpose)
 
     @property
     def body(self) -> bytes:
@@ -123,15 +229,20 @@ class _RabbitDelivery:
         return self._msg.type
 
     async def ack(self) -> None:
+        if self._acks is not None:
+            await self._acks.ack(self._msg.channel, self._msg.delivery_tag or 0)
+            return
         try:
-            await self._msg.ack()
-        except (*CONNECTION_EXCEPTIONS, aio_pika.exceptions.MessageProcessError, RuntimeError) as exc:
+            await self._msg.channel.basic_ack(self._msg.delivery_tag or 0)
+        except (*CONNECTION_EXCEPTIONS, RuntimeError) as exc:
             raise TransportError(f"ack failed (the broker will redeliver): {exc!r}") from exc
 
     async def nack(self, *, requeue: bool) -> None:
+        if self._acks is not None:
+            self._acks.settled(self._msg.channel, self._msg.delivery_tag or 0)
         try:
-            await self._msg.nack(requeue=requeue)
-        except (*CONNECTION_EXCEPTIONS, aio_pika.exceptions.MessageProcessError, RuntimeError) as exc:
+            await self._msg.channel.basic_nack(self._msg.delivery_tag or 0, requeue=requeue)
+        except (*CONNECTION_EXCEPTIONS, RuntimeError) as exc:
             raise TransportError(f"nack failed (the broker will redeliver): {exc!r}") from exc
 
 
@@ -306,16 +417,15 @@ class RabbitMQTransport(Transport):
     async def publish(self, message: OutgoingMessage) -> None:
         if self._pub is None:
             raise PublishNotConfirmed("not connected")
-        amqp_message = aio_pika.Message(
-            message.body,
-            headers=cast(Any, message.headers),
+        properties = amqp_spec.Basic.Properties(
             content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            delivery_mode=2,  # persistent
+            headers=cast(Any, message.headers) or None,
             message_id=message.message_id,
             correlation_id=message.correlation_id,
-            type=message.type,
+            message_type=message.type,
             timestamp=datetime.now(UTC),
-            expiration=timedelta(milliseconds=message.expiration_ms) if message.expiration_ms is not None else None,
+            expiration=str(message.expiration_ms) if message.expiration_ms is not None else None,
         )
         # A connection or channel loss is ridden out: wait (bounded) for the robust channel to
         # come back and publish again. Re-publishing is safe: ids are stable, dedup absorbs copies.
@@ -323,9 +433,14 @@ class RabbitMQTransport(Transport):
         deadline = loop.time() + self.timeout
         while True:
             try:
-                exchange = await self._exchange(message.exchange)
-                await exchange.publish(
-                    amqp_message, message.routing_key, mandatory=message.mandatory, timeout=self.timeout
+                channel = await self._pub.get_underlay_channel()
+                await channel.basic_publish(
+                    message.body,
+                    exchange=message.exchange,
+                    routing_key=message.routing_key,
+                    properties=properties,
+                    mandatory=message.mandatory,
+                    timeout=self.timeout,
                 )
                 return
             except aio_pika.exceptions.DeliveryError as exc:
@@ -360,8 +475,11 @@ class RabbitMQTransport(Transport):
         except aiormq.exceptions.ChannelNotFoundEntity as exc:
             raise TransportError(f"queue {queue!r} does not exist: declare the topology first") from exc
 
+        acks = _AckBatcher()
+
         async def on_message(msg: aio_pika.abc.AbstractIncomingMessage) -> None:
-            await handler(_RabbitDelivery(msg))
+            acks.delivered(msg.channel, msg.delivery_tag or 0)
+            await handler(_RabbitDelivery(msg, acks))
 
         tag = await amqp_queue.consume(on_message)
         sub = _RabbitSubscription(channel, amqp_queue, tag, self.connection)
