@@ -9,7 +9,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import structlog
+# structlog.dev imports rich (and pygments) for pretty tracebacks whenever rich is installed,
+# several MB per worker process; our console renderer does not need it. Hide rich while
+# structlog loads, unless something imported it already.
+_hide_rich = "rich" not in sys.modules
+if _hide_rich:
+    sys.modules["rich"] = None  # type: ignore[assignment]
+try:
+    import structlog
+finally:
+    if _hide_rich:
+        del sys.modules["rich"]
 
 __all__ = ["bound", "configure", "get_logger", "level_from_env"]
 

@@ -2,24 +2,45 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
 import click
 
 from ..errors import ChoreoError
-from .agents import agents
-from .demo import demo
-from .dlq import dlq
-from .outbox import outbox
-from .publish import publish
-from .topology import topology
-from .worker import worker
 
 __all__ = ["cli", "main"]
 
+# Subcommands load when invoked: a worker process then never imports the CLI's table and
+# progress-bar code (rich), which is several MB of resident memory per worker.
+_COMMANDS = {
+    "worker": "worker",
+    "agents": "agents",
+    "publish": "publish",
+    "demo": "demo",
+    "dlq": "dlq",
+    "outbox": "outbox",
+    "topology": "topology",
+}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "CHOREO"})
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *_COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        module = _COMMANDS.get(cmd_name)
+        if module is None:
+            return super().get_command(ctx, cmd_name)
+        command = getattr(importlib.import_module(f"{__package__}.{module}"), cmd_name)
+        assert isinstance(command, click.Command)
+        return command
+
+
+@click.group(
+    cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "CHOREO"}
+)
 @click.version_option(package_name="choreo")
 def cli() -> None:
     """Event-driven choreography over RabbitMQ: signed events, idempotent agents, DLQs.
@@ -47,13 +68,6 @@ def schemas(out: Path, check: bool) -> None:
         click.echo(f"wrote {path}")
 
 
-cli.add_command(worker)
-cli.add_command(agents)
-cli.add_command(publish)
-cli.add_command(demo)
-cli.add_command(dlq)
-cli.add_command(outbox)
-cli.add_command(topology)
 
 
 def main() -> None:
