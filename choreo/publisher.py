@@ -107,6 +107,8 @@ class Publisher:
 
             transport = RabbitMQTransport(url or self.settings.amqp_url, connection_name=f"choreo-publisher:{source}")
         self.transport = transport
+        # Looked up once: OpenTelemetry reads the environment on every provider lookup.
+        self._tracing = otel.current()
 
     async def __aenter__(self) -> Self:
         if self._owns_transport:
@@ -133,8 +135,8 @@ class Publisher:
         """Publish a typed event; returns the envelope that was sent (its ``id`` included).
 
         With tracing on and no ``trace_id`` given, the event joins the caller's current trace."""
-        if trace_id is None and (tracing := otel.current()) is not None:
-            trace_id = tracing.current_trace_id()
+        if trace_id is None and self._tracing is not None:
+            trace_id = self._tracing.current_trace_id()
         envelope = new_envelope(
             event.event_type(),
             event.model_dump(mode="json"),
@@ -151,7 +153,7 @@ class Publisher:
 
     async def publish_envelope(self, envelope: Envelope) -> None:
         message = to_message(envelope, self.keyring, self.exchange, expiration_slack_ms=self.settings.clock_skew_ms)
-        tracing = otel.current()
+        tracing = self._tracing
         if tracing is None:
             await self.transport.publish(message)
             return
