@@ -66,8 +66,11 @@ class Management:
 
 
 def management_for(amqp_url: str, api_url: str | None = None) -> Management:
-    """The API next to ``amqp_url`` (same host, port 15672, same credentials) unless given."""
-    parsed = urllib.parse.urlparse(amqp_url)
+    """The API next to ``amqp_url`` (same host, port 15672, same credentials) unless given.
+    With several node URLs (a cluster), the first node's API: every node serves the cluster's."""
+    from .transport.rabbitmq import amqp_urls  # one parser for CHOREO_AMQP_URL
+
+    parsed = urllib.parse.urlparse(amqp_urls(amqp_url)[0])
     base = api_url or f"http://{parsed.hostname or 'localhost'}:15672"
     vhost = urllib.parse.unquote(parsed.path[1:]) if parsed.path not in ("", "/") else "/"
     return Management(base, parsed.username or "guest", parsed.password or "guest", vhost)

@@ -55,7 +55,7 @@ async def _connect(console: Console, settings: Settings, memory: bool) -> tuple[
             for name in ("aio_pika", "aiormq"):
                 logging.getLogger(name).setLevel(logging.CRITICAL)
             await rabbit.connect()
-            return rabbit, f"RabbitMQ at {settings.amqp_url.split('@')[-1]}"
+            return rabbit, f"RabbitMQ at {rabbit.connected_url or settings.amqp_url.split('@')[-1]}"
         except TransportError as exc:
             console.print(f"[yellow]No RabbitMQ reachable ({exc}).[/]")
             console.print("[yellow]Running on the in-memory broker instead (same semantics, one process).[/]")

@@ -129,3 +129,10 @@ async def test_connect_skips_a_dead_node_and_uses_the_next(amqp_url: str) -> Non
         assert transport.connected_url.endswith(host_port)
     finally:
         await transport.close()
+
+
+def test_the_management_api_of_a_cluster_url_is_the_first_nodes() -> None:
+    from choreo.management import management_for
+
+    api = management_for("amqp://u:p,w@h1:5681/v,amqp://u:p@h2:5682/")
+    assert (api.base_url, api.user, api.password, api.vhost) == ("http://h1:15672", "u", "p,w", "v")
