@@ -34,6 +34,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 from pydantic import BaseModel
 
 import choreo
@@ -245,7 +246,7 @@ class Observer:
 
     async def _on_message(self, message: Any) -> None:
         received = time.time()
-        body = json.loads(message.body)
+        body = orjson.loads(message.body)
         payload = body.get("payload") or {}
         seen = Seen(
             id=body["id"],

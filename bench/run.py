@@ -293,6 +293,32 @@ class Broker:
         return [line.strip() for line in done.stdout.splitlines() if line.strip() and line.strip() != "name"]
 
 
+def tree_digest() -> str:
+    """A digest of the sources the bench measures (choreo/ and agents/): they may change while a
+    run goes on, since people work in this tree concurrently."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted([*ROOT.glob("choreo/**/*.py"), *ROOT.glob("agents/**/*.py")]):
+        with contextlib.suppress(OSError):
+            digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def tree_label() -> str:
+    def git(*args: str) -> str:
+        try:
+            done = subprocess.run(["git", *args], capture_output=True, text=True, timeout=30, check=False, cwd=ROOT)
+        except (OSError, subprocess.TimeoutExpired):
+            return "?"
+        return done.stdout.strip() if done.returncode == 0 else "?"
+
+    head = git("rev-parse", "--short", "HEAD")
+    dirty = git("status", "--porcelain", "--", "choreo", "agents")
+    state = "with uncommitted changes in choreo/ or agents/" if dirty not in ("", "?") else "clean"
+    return f"{head} ({state}; sources {tree_digest()})"
+
+
 # CPU of everything else on the machine ------------------------------------------------------------
 def _broker_pid() -> int | None:
     """The RabbitMQ VM: the oldest beam.smp (rabbitmqctl starts short-lived ones)."""
@@ -391,6 +417,10 @@ class Run:
     skipped: dict[str, str] = field(default_factory=dict)
     throughput: dict[str, Throughput] = field(default_factory=dict)
     sagas: list[dict[str, Any]] = field(default_factory=list)
+    saga_by_rate: dict[float, dict[str, Any]] = field(default_factory=dict)
+    tree_at_start: str = field(default_factory=tree_label)
+    tree_sources: str = field(default_factory=tree_digest)
+    tree_changes: list[str] = field(default_factory=list)
     memory: dict[str, Any] = field(default_factory=dict)
     load: dict[str, dict[str, float]] = field(default_factory=dict)
     startup: dict[str, float] = field(default_factory=dict)
@@ -672,7 +702,7 @@ def saga_choreo(run: Run, rate: float, orders: int) -> dict[str, Any]:
 def saga_raw(run: Run, rate: float, orders: int) -> dict[str, Any]:
     cmd = [str(VENV_PY), str(SHARED / "raw_latency.py"), str(orders), f"{rate:g}"]
     try:
-        proc = run_measured(cmd, env=run.env(), timeout=orders / rate + 180, what=f"raw_latency at {rate:g}/s")
+        proc = run_measured(cmd, env=run.env(), timeout=orders / rate + 90, what=f"raw_latency at {rate:g}/s")
     finally:
         run.clean(*BASELINE_NAMES["latency"])
     match = LAT.search(proc.out)
@@ -894,6 +924,11 @@ def throughput_rows(run: Run) -> list[list[str]]:
     return rows
 
 
+def saturated(c: dict[str, Any]) -> bool:
+    """The workers did not keep up with the offered rate: latencies then measure the backlog."""
+    return bool(c["throughput_per_s"] < 0.95 * c["offered_per_s"] or c["ended"] < c["orders"])
+
+
 def saga_rows(run: Run) -> list[list[str]]:
     rows = []
     for s in run.sagas:
@@ -906,7 +941,7 @@ def saga_rows(run: Run) -> list[list[str]]:
                     "choreo saga (4 `choreo worker` processes)",
                     f"{c['ended']}/{c['orders']}",
                     f"{c['offered_per_s']:.0f}",
-                    f"{c['throughput_per_s']:.0f}",
+                    f"{c['throughput_per_s']:.0f}" + (" (saturated)" if saturated(c) else ""),
                     f"{c['hop_ms']['p50']:.0f}",
                     f"{c['hop_ms']['p99']:.0f}",
                     f"{c['saga_ms']['p50']:.0f}",
@@ -963,7 +998,7 @@ def ratio_line(run: Run) -> str:
     for s in run.sagas:
         c, r = s.get("choreo"), s.get("raw")
         value = ratio(c["hop_ms"]["p99"], r["p99"]) if c and r else "n/a"
-        hops.append(f"{value}@{s['rate']:g}/s")
+        hops.append(f"{value}@{s['rate']:g}/s" + ("(saturated)" if c and saturated(c) else ""))
     parts.append("saga hop p99 choreo/raw=" + (" ".join(hops) or "n/a"))
     if run.memory:
         m = run.memory
@@ -1037,9 +1072,9 @@ def machine_info(run: Run) -> dict[str, str]:
     amqplib = "-"
     with contextlib.suppress(OSError, ValueError):
         amqplib = json.loads((NODE_DIR / "node_modules" / "amqplib" / "package.json").read_text())["version"]
-    head = command(["git", "rev-parse", "--short", "HEAD"])
-    dirty = command(["git", "status", "--porcelain", "--", "choreo", "agents"])
-    tree = f"{head}" + (" + uncommitted changes in choreo/ or agents/" if dirty not in ("", "?") else " (clean)")
+    tree = run.tree_at_start
+    if run.tree_changes:
+        tree += f"; CHANGED during the run (before {', '.join(run.tree_changes)}), now {tree_label()}"
     return {
         "cores": str(os.cpu_count()),
         "cpu": model,
@@ -1084,6 +1119,12 @@ def write_report(run: Run, path: Path, info: dict[str, str], ratios: str) -> Non
             "figures, and client CPU µs per message more than throughput.",
             "",
         ]
+    if run.tree_changes:
+        lines += [
+            f"> **choreo/ changed during this run** (before {', '.join(run.tree_changes)} of the plan): someone "
+            "committed or edited the runtime meanwhile, so the figures mix versions. Re-run for clean figures.",
+            "",
+        ]
     lines += ["## Machine", "", md_table(["", ""], [[k, v] for k, v in info.items()]), ""]
     if total:
         lines += [f"Load during the run: {load_text(total)}.", ""]
@@ -1120,7 +1161,9 @@ def write_report(run: Run, path: Path, info: dict[str, str], ratios: str) -> Non
         "nothing are not seen. **Saga** = final `order.completed`/`order.cancelled` `issued_at` minus "
         "`order.placed` `issued_at`. Wire timestamps have millisecond resolution. The same run checks every "
         "order ended exactly once with its compensations (`agents.saga.verify`). Client CPU: the four "
-        "workers' user+sys while the orders ran (from /proc, start-up excluded), per order.",
+        "workers' user+sys while the orders ran (from /proc, start-up excluded), per order. *Done /s* = orders "
+        "ended / (last final event - first order); below 95 % of the offered rate it is marked *saturated*: the "
+        "workers did not keep up, and the latencies then measure the backlog.",
         "- Raw one-hop: `raw_latency.py N RATE` with the same N and rate: publish (confirmed) to consumer "
         "callback on one quorum queue, perf_counter resolution; it paces with `sleep(1/RATE)`, so its real "
         "rate is at most the nominal one. Its CPU is the process's, minus start-up, per message.",
@@ -1238,6 +1281,7 @@ def main(argv: Sequence[str]) -> int:
         return 2
     run = Run(opts, broker)
     say(f"choreo bench run {run.run_id}: RabbitMQ {version} at {opts.url.split('@')[-1]}, scratch {run.tmp}")
+    say(f"measuring choreo {run.tree_at_start}")
     before = broker.names()
     meter = LoadMeter()
     start = meter.snapshot()
@@ -1294,40 +1338,54 @@ def execute(run: Run, meter: LoadMeter) -> None:
             plan += [("saga", c, i) for c in ("choreo", "raw") if c in opts.clients]
     if "memory" in opts.steps and "choreo" in opts.clients:
         plan.append(("memory", "choreo", 0))
-    sagas: dict[float, dict[str, Any]] = {}
     for i, (step, client, index) in enumerate(plan, 1):
         t0 = meter.snapshot()
         prefix = f"[{i}/{len(plan)}]"
-        try:
-            if step == "throughput":
-                say(f"{prefix} {LABELS[client]}: publish + consume {opts.n:,} (round {index + 1}/{opts.repeat})")
-                summary = throughput_once(run, client, index)
-            elif step == "saga":
-                summary = saga_once(run, sagas, client, index, prefix)
-            else:
-                say(f"{prefix} memory: idle choreo worker, then {opts.memory_count:,} messages")
-                summary = memory_step(run)
-        except StepError as exc:
-            summary = f"FAILED: {exc}"
-            if step == "saga":
-                sagas[opts.saga_rates[index]]["errors"][client] = str(exc)
-            elif step == "throughput":
-                run.throughput.setdefault(client, Throughput(client)).errors.append(str(exc))
-            if client.startswith("choreo"):
-                run.failed.append(str(exc))
-            else:
-                run.notes.append(str(exc))
+        digest = tree_digest()
+        if digest != run.tree_sources:
+            run.tree_sources = digest
+            run.tree_changes.append(f"step {i}")
+            say(f"{prefix} note: choreo/ or agents/ changed since the previous step; figures now mix versions")
+        # A baseline that hangs or fails (e.g. someone's test closing every connection on the
+        # broker) is tried once more; choreo is not: riding that out is its job.
+        attempts = 1 if client.startswith("choreo") else 2
+        for attempt in range(1, attempts + 1):
+            try:
+                summary = run_step(run, step, client, index, prefix)
+                break
+            except StepError as exc:
+                if attempt < attempts:
+                    say(f"  failed ({exc}); once more")
+                    run.notes.append(f"{client} ({step}) failed once and was run again: {exc}")
+                    continue
+                summary = f"FAILED: {exc}"
+                if step == "saga":
+                    run.saga_by_rate[opts.saga_rates[index]]["errors"][client] = str(exc)
+                elif step == "throughput":
+                    run.throughput.setdefault(client, Throughput(client)).errors.append(str(exc))
+                (run.failed if client.startswith("choreo") else run.notes).append(str(exc))
         load = LoadMeter.between(t0, meter.snapshot())
         run.load[f"{step}-{client}-{index}"] = load
         say(f"  {summary} [{load['wall_s']:.1f}s; other processes {load['other_cores']:.2f} cores]")
 
 
-def saga_once(run: Run, sagas: dict[float, dict[str, Any]], client: str, index: int, prefix: str) -> str:
+def run_step(run: Run, step: str, client: str, index: int, prefix: str) -> str:
+    if step == "throughput":
+        say(f"{prefix} {LABELS[client]}: publish + consume {run.opts.n:,} (round {index + 1}/{run.opts.repeat})")
+        return throughput_once(run, client, index)
+    if step == "saga":
+        return saga_once(run, client, index, prefix)
+    say(f"{prefix} memory: idle choreo worker, then {run.opts.memory_count:,} messages")
+    return memory_step(run)
+
+
+def saga_once(run: Run, client: str, index: int, prefix: str) -> str:
     rate = run.opts.saga_rates[index]
     orders = max(4, round(rate * run.opts.saga_seconds))
-    entry = sagas.setdefault(rate, {"rate": rate, "orders": orders, "errors": {}})
-    if entry not in run.sagas:
-        run.sagas.append(entry)
+    if rate not in run.saga_by_rate:
+        run.saga_by_rate[rate] = {"rate": rate, "orders": orders, "errors": {}}
+        run.sagas.append(run.saga_by_rate[rate])
+    entry = run.saga_by_rate[rate]
     if client == "raw":
         say(f"{prefix} raw aio-pika one-hop latency: {orders:,} messages at {rate:g}/s")
         entry["raw"] = saga_raw(run, rate, orders)
@@ -1350,6 +1408,8 @@ def finish(run: Run) -> int:
     opts = run.opts
     if opts.profile:
         return 1 if run.failed else 0
+    if tree_digest() != run.tree_sources:
+        run.tree_changes.append("the end")
     info = machine_info(run)
     ratios = ratio_line(run)
     say("")
