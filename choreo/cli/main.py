@@ -38,9 +38,7 @@ class _LazyGroup(click.Group):
         return command
 
 
-@click.group(
-    cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "CHOREO"}
-)
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "CHOREO"})
 @click.version_option(package_name="choreo")
 def cli() -> None:
     """Event-driven choreography over RabbitMQ: signed events, idempotent agents, DLQs.
@@ -66,8 +64,6 @@ def schemas(out: Path, check: bool) -> None:
         return
     for path in schema.write(out, ALL_EVENTS):
         click.echo(f"wrote {path}")
-
-
 
 
 def main() -> None:
