@@ -284,7 +284,7 @@ def summary_ms(values: Sequence[float]) -> dict[str, float]:
 
 
 async def saga(args: argparse.Namespace) -> dict[str, Any]:
-    from agents.saga import AuditLog, plan_orders, verify
+    from agents.saga import SAGA_AGENTS, AuditLog, plan_orders, verify
 
     settings = settings_from(args)
     plans = plan_orders(args.orders, seed=11, run_id=f"{args.prefix}-")
@@ -311,7 +311,12 @@ async def saga(args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.sleep(0.5)  # stragglers (compensations racing the last terminal)
     finally:
         await observer.close()
-    return saga_report(args, plans=plans, observer=observer, sent_s=sent_s, audit_cls=AuditLog, verify=verify)
+    report = saga_report(args, plans=plans, observer=observer, sent_s=sent_s, audit_cls=AuditLog, verify=verify)
+    # Deliveries the four agents handled: each event once per agent that subscribes to its type.
+    types = {e.type for e in observer.events.values()}
+    subscribers = {t: sum(t in a.handled_types for a in SAGA_AGENTS) for t in types}
+    report["handled_events"] = sum(subscribers[e.type] for e in observer.events.values())
+    return report
 
 
 def saga_report(

@@ -419,6 +419,7 @@ class Run:
     sagas: list[dict[str, Any]] = field(default_factory=list)
     saga_by_rate: dict[float, dict[str, Any]] = field(default_factory=dict)
     tree_at_start: str = field(default_factory=tree_label)
+    head_at_start: str = field(default_factory=lambda: tree_label().split(" ", 1)[0])
     tree_sources: str = field(default_factory=tree_digest)
     tree_changes: list[str] = field(default_factory=list)
     memory: dict[str, Any] = field(default_factory=dict)
@@ -693,6 +694,7 @@ def saga_choreo(run: Run, rate: float, orders: int) -> dict[str, Any]:
     data["worker_cpu_s"] = dict(zip(SAGA_AGENT_NAMES, window_cpu, strict=True))
     data["worker_process_cpu_s"] = {name: w.cpu_s for name, w in zip(SAGA_AGENT_NAMES, workers, strict=True)}
     data["worker_cpu_us_per_order"] = sum(window_cpu) / orders * 1e6
+    data["worker_cpu_us_per_handling"] = sum(window_cpu) / max(data.get("handled_events", 0), 1) * 1e6
     data["driver_cpu_s"] = proc.cpu_s
     if any(codes):
         run.notes.append(f"saga at {rate:g}/s: worker exit codes {codes} (0 = clean drain)")
@@ -946,7 +948,8 @@ def saga_rows(run: Run) -> list[list[str]]:
                     f"{c['hop_ms']['p99']:.0f}",
                     f"{c['saga_ms']['p50']:.0f}",
                     f"{c['saga_ms']['p99']:.0f}",
-                    f"{c['worker_cpu_us_per_order']:,.0f} per order (4 workers)",
+                    f"{c['worker_cpu_us_per_order']:,.0f} per order, "
+                    f"{c['worker_cpu_us_per_handling']:,.0f} per handled event",
                 ]
             )
         r = s.get("raw")
@@ -1075,6 +1078,8 @@ def machine_info(run: Run) -> dict[str, str]:
     tree = run.tree_at_start
     if run.tree_changes:
         tree += f"; CHANGED during the run (before {', '.join(run.tree_changes)}), now {tree_label()}"
+        commits = command(["git", "log", "--format=%h %s", f"{run.head_at_start}..HEAD", "--", "choreo", "agents"])
+        tree += f"; commits meanwhile: {'; '.join(commits.splitlines()) or 'none (uncommitted edits)'}"
     return {
         "cores": str(os.cpu_count()),
         "cpu": model,
@@ -1161,9 +1166,10 @@ def write_report(run: Run, path: Path, info: dict[str, str], ratios: str) -> Non
         "nothing are not seen. **Saga** = final `order.completed`/`order.cancelled` `issued_at` minus "
         "`order.placed` `issued_at`. Wire timestamps have millisecond resolution. The same run checks every "
         "order ended exactly once with its compensations (`agents.saga.verify`). Client CPU: the four "
-        "workers' user+sys while the orders ran (from /proc, start-up excluded), per order. *Done /s* = orders "
-        "ended / (last final event - first order); below 95 % of the offered rate it is marked *saturated*: the "
-        "workers did not keep up, and the latencies then measure the backlog.",
+        "workers' user+sys while the orders ran (from /proc, start-up excluded), per order and per handled "
+        "event (each event once per agent subscribed to it: consume, verify, dedup, state, publish, ack). "
+        "*Done /s* = orders ended / (last final event - first order); below 95 % of the offered rate it is "
+        "marked *saturated*: the workers did not keep up, and the latencies then measure the backlog.",
         "- Raw one-hop: `raw_latency.py N RATE` with the same N and rate: publish (confirmed) to consumer "
         "callback on one quorum queue, perf_counter resolution; it paces with `sleep(1/RATE)`, so its real "
         "rate is at most the nominal one. Its CPU is the process's, minus start-up, per message.",
