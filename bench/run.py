@@ -1107,7 +1107,10 @@ def write_report(run: Run, path: Path, info: dict[str, str], ratios: str) -> Non
     o = run.opts
     total = run.load.get("total")
     other = total["other_cores"] if total else math.nan
-    noisy = not math.isnan(other) and other > 0.1
+    busy_steps = [
+        f"{k} ({v['other_cores']:.2f})" for k, v in run.load.items() if k != "total" and v["other_cores"] > 0.1
+    ]
+    noisy = (not math.isnan(other) and other > 0.1) or bool(busy_steps)
     lines = [
         "# Benchmarks",
         "",
@@ -1119,9 +1122,11 @@ def write_report(run: Run, path: Path, info: dict[str, str], ratios: str) -> Non
     ]
     if noisy:
         lines += [
-            f"> **Noisy run.** Other processes on this machine used {other:.2f} cores on average while it ran "
-            "(other people's tests). The ratios, measured side by side, are more trustworthy than the absolute "
-            "figures, and client CPU µs per message more than throughput.",
+            f"> **Taken while other load ran.** Other processes on this machine (other people's tests) used "
+            f"{other:.2f} cores on average over the run"
+            + (f", and more than 0.1 core during: {', '.join(busy_steps)}" if busy_steps else "")
+            + ". The ratios, measured side by side, are more trustworthy than the absolute figures, and client "
+            "CPU µs per message more than throughput.",
             "",
         ]
     if run.tree_changes:
@@ -1371,7 +1376,7 @@ def execute(run: Run, meter: LoadMeter) -> None:
                     run.throughput.setdefault(client, Throughput(client)).errors.append(str(exc))
                 (run.failed if client.startswith("choreo") else run.notes).append(str(exc))
         load = LoadMeter.between(t0, meter.snapshot())
-        run.load[f"{step}-{client}-{index}"] = load
+        run.load[f"{step} {client} #{index + 1}"] = load
         say(f"  {summary} [{load['wall_s']:.1f}s; other processes {load['other_cores']:.2f} cores]")
 
 
