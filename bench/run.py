@@ -1174,7 +1174,9 @@ def write_report(run: Run, path: Path, info: dict[str, str], ratios: str) -> Non
         "workers' user+sys while the orders ran (from /proc, start-up excluded), per order and per handled "
         "event (each event once per agent subscribed to it: consume, verify, dedup, state, publish, ack). "
         "*Done /s* = orders ended / (last final event - first order); below 95 % of the offered rate it is "
-        "marked *saturated*: the workers did not keep up, and the latencies then measure the backlog.",
+        "marked *saturated*: the workers did not keep up, and the latencies then measure the backlog. There is "
+        "one saga run per rate, so its latencies vary more from run to run than the throughput medians; "
+        "compare them with the raw one-hop figures of the same run.",
         "- Raw one-hop: `raw_latency.py N RATE` with the same N and rate: publish (confirmed) to consumer "
         "callback on one quorum queue, perf_counter resolution; it paces with `sleep(1/RATE)`, so its real "
         "rate is at most the nominal one. Its CPU is the process's, minus start-up, per message.",
