@@ -297,34 +297,14 @@ class AgentRuntime(Generic[S]):
             metrics.received(label)
             if isinstance(fault, EventExpired):
                 metrics.expired(label)
-            fields = self._log_fields(delivery, envelope)
-            span = None
-            if tracing is not None:
-                span = tracing.consume(
-                    agent=self.agent.name,
-                    queue=self.queues.main,
-                    headers=delivery.headers,
-                    trace_id=envelope.trace_id if envelope is not None else None,
-                    event_id=fields.get("event_id"),
-                    start_ns=start_ns,
-                )
-            with bound(**fields):
+            span = self._consume_span(tracing, delivery, envelope, start_ns)
+            with bound(**self._log_fields(delivery, envelope)):
                 await self._dead_letter(delivery, fault.reason, str(fault))
             if span is not None:
                 span.finish("dead_lettered", f"{fault.reason}: {fault}")
             return
         metrics.received(label)
-        span = None
-        if tracing is not None:
-            span = tracing.consume(
-                agent=self.agent.name,
-                queue=self.queues.main,
-                headers=delivery.headers,
-                trace_id=envelope.trace_id,
-                event_id=envelope.id,
-                start_ns=start_ns,
-            )
-            span.set(**{"choreo.event_type": envelope.type, "messaging.message.id": envelope.id})
+        span = self._consume_span(tracing, delivery, envelope, start_ns)
         outcome = "requeued"
         try:
             with bound(**self._log_fields(delivery, envelope)):
@@ -332,6 +312,24 @@ class AgentRuntime(Generic[S]):
         finally:
             if span is not None:
                 span.finish(outcome)
+
+    def _consume_span(
+        self, tracing: otel.Tracing | None, delivery: Delivery, envelope: Envelope | None, start_ns: int
+    ) -> otel.ConsumeSpan | None:
+        """The delivery's consume span, started at receipt, once the envelope (if any) is known."""
+        if tracing is None:
+            return None
+        span = tracing.consume(
+            agent=self.agent.name,
+            queue=self.queues.main,
+            headers=delivery.headers,
+            trace_id=envelope.trace_id if envelope is not None else None,
+            event_id=envelope.id if envelope is not None else delivery.message_id,
+            start_ns=start_ns,
+        )
+        if envelope is not None:
+            span.set(**{"choreo.event_type": envelope.type, "messaging.message.id": envelope.id})
+        return span
 
     def _log_fields(self, delivery: Delivery, envelope: Envelope | None) -> dict[str, Any]:
         """What every log line about this message carries."""

@@ -113,7 +113,7 @@ class Worker:
 
     async def start_http(self) -> None:
         """Serve /metrics, /healthz and /readyz (if a port is configured); idempotent."""
-        if self.http is not None and self.http._server is None:
+        if self.http is not None and not self.http.running:
             await self.http.start()
 
     async def close_http(self) -> None:

@@ -24,6 +24,13 @@ from choreo.transport.rabbitmq import RabbitMQTransport
 SECRET = "test-secret"
 
 
+def free_port() -> int:
+    """A TCP port free on loopback right now (for a worker's HTTP port)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def _reachable(url: str) -> bool:
     parsed = urlparse(url)
     try:

@@ -46,6 +46,10 @@ class HealthServer:
         self._server: asyncio.Server | None = None
 
     @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    @property
     def port(self) -> int:
         """The bound port (the requested one, or the one the OS chose for port 0)."""
         if self._server is None or not self._server.sockets:

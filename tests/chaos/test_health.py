@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import sys
 from collections.abc import Awaitable, Callable
 
@@ -18,17 +17,11 @@ from choreo import Publisher, Settings
 from choreo.testing import wait_for
 from choreo.transport.rabbitmq import RabbitMQTransport
 
-from ..conftest import SECRET
-from ..unit.test_observability import sample
+from ..conftest import SECRET, free_port
+from ..unit.test_observability import http_get, sample
 from .conftest import WorkerProcess, close_all_connections, need_rabbitmqctl
 
 pytestmark = pytest.mark.rabbitmq
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 PORT = free_port()
@@ -41,15 +34,9 @@ def worker_env() -> dict[str, str]:
 
 async def get(path: str) -> tuple[int, str]:
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", PORT)
-    except OSError:
+        return await http_get(PORT, path)
+    except OSError:  # not listening (yet)
         return 0, ""
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
-    await writer.drain()
-    raw = await reader.read()
-    writer.close()
-    head, _, body = raw.decode().partition("\r\n\r\n")
-    return int(head.split(" ")[1]), body
 
 
 async def handled() -> float:

@@ -13,7 +13,6 @@ import importlib.util
 import os
 import shutil
 import signal
-import socket
 import sys
 import urllib.error
 import urllib.request
@@ -30,22 +29,10 @@ from choreo.runtime import topology_for
 from choreo.testing import wait_for
 from choreo.transport.rabbitmq import RabbitMQTransport
 
+from ..conftest import free_port
 from ..unit.test_deploy_files import compose, dockerfile_entrypoint, service_env
 
-pytestmark = [
-    pytest.mark.rabbitmq,
-    # The worker's HTTP port (/readyz, /metrics) lives there; until it is committed, skip.
-    pytest.mark.skipif(
-        importlib.util.find_spec("choreo.observability") is None,
-        reason="choreo.observability (the worker's HTTP port) is not in this tree yet",
-    ),
-]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+pytestmark = pytest.mark.rabbitmq
 
 
 def _get(url: str) -> tuple[int, bytes] | None:
@@ -98,7 +85,7 @@ async def test_image_entrypoint_runs_as_plain_process(
 ) -> None:
     service = compose()["services"]["payments"]
     command = [str(part) for part in service["command"]]
-    port = _free_port()
+    port = free_port()
     env = _local_env(service_env(service), amqp_url=amqp_url, naming=naming, state=tmp_path / "state", port=port)
     entrypoint = dockerfile_entrypoint()
     argv = [_executable(entrypoint[0]), *entrypoint[1:], *command]

@@ -80,7 +80,7 @@ async def test_flushes_never_overtake_each_other() -> None:
     tasks: list[asyncio.Future[Any]] = []
     for i, tag in enumerate(order):
         tasks.append(batcher.ack(channel, tag))  # type: ignore[arg-type]
-        if i % 13 == 0:
+        if i % 13 == 0:  # let flushes start while frames are still being written
             await asyncio.sleep(0.003)
     await asyncio.gather(*tasks)
     assert not channel.is_closed
