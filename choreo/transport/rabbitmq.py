@@ -1,7 +1,9 @@
 """RabbitMQ transport on aio-pika. The only module that imports aio-pika.
 
-- One robust connection; aio-pika re-opens channels and re-establishes consumers after a
-  reconnect or a broker-side consumer cancel.
+- One robust connection; aio-pika re-opens channels after a reconnect or a channel error.
+  Consumers are registered on the aiormq channel underneath (aio-pika's per-message wrapper
+  and second task cost more than the rest of a delivery), and restored by the subscription
+  itself after a re-open or a broker-side consumer cancel.
 - Several comma-separated URLs (the nodes of one cluster): connecting tries them in order;
   after a lost connection or a failed attempt, the next reconnect goes to the next URL.
 - Publishing goes through one channel with publisher confirms; ``publish`` returns only
@@ -23,8 +25,10 @@ import collections
 import contextlib
 import re
 import urllib.parse
+import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import Any, cast
 
 import aio_pika
@@ -190,10 +194,13 @@ class _AckBatcher:
 
 
 class _RabbitDelivery:
-    __slots__ = ("_acks", "_msg")
+    """A delivery straight from aiormq: properties are read from the frame only when asked."""
 
-    def __init__(self, msg: aio_pika.abc.AbstractIncomingMessage, acks: _AckBatcher | None = None) -> None:
+    __slots__ = ("_acks", "_msg", "_props")
+
+    def __init__(self, msg: aiormq.abc.DeliveredMessage, acks: _AckBatcher | None = None) -> None:
         self._msg = msg
+        self._props = msg.header.properties
         self._acks = acks  # None: ack on its own (basic.get, where several stay unacked on purpose)
 
     @property
@@ -202,7 +209,7 @@ class _RabbitDelivery:
 
     @property
     def headers(self) -> Mapping[str, object]:
-        return self._msg.headers
+        return self._props.headers or _NO_HEADERS
 
     @property
     def routing_key(self) -> str:
@@ -214,7 +221,7 @@ class _RabbitDelivery:
 
     @property
     def message_id(self) -> str | None:
-        return self._msg.message_id
+        return self._props.message_id
 
     @property
     def redelivered(self) -> bool:
@@ -222,51 +229,111 @@ class _RabbitDelivery:
 
     @property
     def correlation_id(self) -> str | None:
-        return self._msg.correlation_id
+        return self._props.correlation_id
 
     @property
     def type(self) -> str | None:
-        return self._msg.type
+        return self._props.message_type
 
     async def ack(self) -> None:
+        msg = self._msg
         if self._acks is not None:
-            await self._acks.ack(self._msg.channel, self._msg.delivery_tag or 0)
+            await self._acks.ack(msg.channel, msg.delivery_tag or 0)
             return
         try:
-            await self._msg.channel.basic_ack(self._msg.delivery_tag or 0)
+            await msg.channel.basic_ack(msg.delivery_tag or 0)
         except (*CONNECTION_EXCEPTIONS, RuntimeError) as exc:
             raise TransportError(f"ack failed (the broker will redeliver): {exc!r}") from exc
 
     async def nack(self, *, requeue: bool) -> None:
+        msg = self._msg
         if self._acks is not None:
-            self._acks.settled(self._msg.channel, self._msg.delivery_tag or 0)
+            self._acks.settled(msg.channel, msg.delivery_tag or 0)
         try:
-            await self._msg.channel.basic_nack(self._msg.delivery_tag or 0, requeue=requeue)
+            await msg.channel.basic_nack(msg.delivery_tag or 0, requeue=requeue)
         except (*CONNECTION_EXCEPTIONS, RuntimeError) as exc:
             raise TransportError(f"nack failed (the broker will redeliver): {exc!r}") from exc
 
 
+_NO_HEADERS: Mapping[str, object] = MappingProxyType({})
+_RESTORE_BACKOFF_S = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
+
+
 class _RabbitSubscription:
+    """A consumer registered directly on the aiormq channel under a robust aio-pika channel.
+
+    aio-pika re-opens the channel (and re-applies its prefetch) after a lost connection or a
+    channel error; the consumer itself is ours to restore: after every re-open, and after a
+    broker-side ``basic.cancel`` (the queue was deleted, or its node went away), it is
+    consumed again under the same tag once the queue exists, with backoff. Deliveries go to
+    the handler in aiormq's own task per delivery, with no wrapper objects in between.
+    """
+
     def __init__(
         self,
         channel: aio_pika.abc.AbstractRobustChannel,
-        queue: aio_pika.abc.AbstractRobustQueue,
-        tag: str,
-        connection: aio_pika.abc.AbstractRobustConnection,
+        queue: str,
+        handler: DeliveryHandler,
+        transport: RabbitMQTransport,
     ) -> None:
         self._channel = channel
         self._queue = queue
-        self._tag = tag
-        self._connection = connection
+        self._handler = handler
+        self._transport = transport
+        self._tag = f"choreo.{queue}.{uuid.uuid4().hex[:12]}"
+        self._acks = _AckBatcher()
         self._cancelled = False
+        self._restore_task: asyncio.Task[None] | None = None
+        channel.reopen_callbacks.add(self._on_reopen)
 
     @property
     def queue(self) -> str:
-        return self._queue.name
+        return self._queue
+
+    @property
+    def tag(self) -> str:
+        return self._tag
+
+    async def _on_message(self, msg: aiormq.abc.DeliveredMessage) -> None:
+        self._acks.delivered(msg.channel, msg.delivery_tag or 0)
+        await self._handler(_RabbitDelivery(msg, self._acks))
+
+    async def consume(self) -> None:
+        """Register the consumer on the channel open now (a no-op if it is registered)."""
+        underlay = cast(aiormq.Channel, await self._channel.get_underlay_channel())
+        if self._cancelled or self._tag in underlay.consumers:
+            return
+        underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
+        await underlay.basic_consume(self._queue, self._on_message, consumer_tag=self._tag, timeout=10.0)
+
+    def _on_reopen(self, *_: object) -> None:
+        self._schedule_restore()
+
+    def _on_broker_cancel(self, frame: object) -> None:
+        if getattr(frame, "consumer_tag", None) == self._tag and not self._cancelled:
+            self._schedule_restore()
+
+    def _schedule_restore(self) -> None:
+        if self._cancelled or (self._restore_task is not None and not self._restore_task.done()):
+            return
+        self._restore_task = asyncio.get_running_loop().create_task(self._restore())
+
+    async def _restore(self) -> None:
+        attempt = 0
+        while not self._cancelled:
+            try:
+                # Consuming a missing queue is a channel error: look for it on a throwaway channel.
+                if await self._transport.queue_exists(self._queue):
+                    await self.consume()
+                    return
+            except (TimeoutError, *CONNECTION_EXCEPTIONS, RuntimeError, TransportError):
+                pass  # the connection is still down, or the channel is being re-opened: try again
+            await asyncio.sleep(_RESTORE_BACKOFF_S[min(attempt, len(_RESTORE_BACKOFF_S) - 1)])
+            attempt += 1
 
     async def is_attached(self) -> bool:
         """Our consumer tag is registered on the channel open right now; after a reconnect or a
-        broker-side cancel this turns true again only once aio-pika has restored the consumer."""
+        broker-side cancel this turns true again only once the consumer is restored."""
         if self._cancelled or self._channel.is_closed:
             return False
         try:
@@ -279,10 +346,17 @@ class _RabbitSubscription:
         if self._cancelled:
             return
         self._cancelled = True
-        if self._channel.is_closed or not self._connection.connected.is_set():
+        self._channel.reopen_callbacks.discard(self._on_reopen)
+        if self._restore_task is not None:
+            self._restore_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._restore_task
+        if self._channel.is_closed or not self._transport.connected:
             return  # the broker already stopped delivering; waiting for a reconnect could hang
         try:
-            await asyncio.wait_for(self._queue.cancel(self._tag), 5.0)
+            underlay = cast(aiormq.Channel, await asyncio.wait_for(self._channel.get_underlay_channel(), 5.0))
+            if self._tag in underlay.consumers:
+                await asyncio.wait_for(underlay.basic_cancel(self._tag), 5.0)
         except (TimeoutError, *CONNECTION_EXCEPTIONS, RuntimeError, KeyError):
             pass  # the channel went away meanwhile: nothing more will be delivered on it
 
@@ -468,23 +542,27 @@ class RabbitMQTransport(Transport):
                 raise result
 
     async def subscribe(self, queue: str, handler: DeliveryHandler, *, prefetch: int) -> Subscription:
+        if not await self.queue_exists(queue):
+            raise TransportError(f"queue {queue!r} does not exist: declare the topology first")
         channel = await self.connection.channel()
         await channel.set_qos(prefetch_count=prefetch)
+        sub = _RabbitSubscription(channel, queue, handler, self)
         try:
-            amqp_queue = cast(aio_pika.abc.AbstractRobustQueue, await channel.get_queue(queue, ensure=True))
+            await sub.consume()
         except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            await sub.close()
             raise TransportError(f"queue {queue!r} does not exist: declare the topology first") from exc
-
-        acks = _AckBatcher()
-
-        async def on_message(msg: aio_pika.abc.AbstractIncomingMessage) -> None:
-            acks.delivered(msg.channel, msg.delivery_tag or 0)
-            await handler(_RabbitDelivery(msg, acks))
-
-        tag = await amqp_queue.consume(on_message)
-        sub = _RabbitSubscription(channel, amqp_queue, tag, self.connection)
         self._subs.append(sub)
         return sub
+
+    async def queue_exists(self, queue: str) -> bool:
+        """Passive declare on a throwaway channel (a missing queue closes only that channel)."""
+        async with self._temp_channel() as channel:
+            try:
+                await channel.declare_queue(queue, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                return False
+        return True
 
     async def inspect_queue(self, spec: QueueSpec) -> QueueState:
         """Passive declare for existence, depth and consumers; then, on an existing queue only,
@@ -518,15 +596,17 @@ class RabbitMQTransport(Transport):
         if self._get_channel is None or self._get_channel.is_closed:
             self._get_channel = await self.connection.channel()
         try:
-            amqp_queue = await self._get_channel.get_queue(queue, ensure=False)
-            msg = await amqp_queue.get(no_ack=False, fail=False, timeout=self.timeout)
+            underlay = await self._get_channel.get_underlay_channel()
+            msg = await underlay.basic_get(queue, no_ack=False, timeout=self.timeout)
         except aiormq.exceptions.ChannelNotFoundEntity as exc:
             self._get_channel = None
             raise TransportError(f"NOT_FOUND - no queue {queue!r}") from exc
         except (TimeoutError, *CONNECTION_EXCEPTIONS, RuntimeError) as exc:
             self._get_channel = None
             raise TransportError(f"basic.get on {queue!r} failed: {exc!r}") from exc
-        return None if msg is None else _RabbitDelivery(msg)
+        if msg.delivery_tag is None:  # basic.get-empty
+            return None
+        return _RabbitDelivery(msg)
 
     async def delete_queue(self, queue: str) -> None:
         async with self._temp_channel() as channel:
