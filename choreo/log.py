@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 # structlog.dev imports rich (and pygments) for pretty tracebacks whenever rich is installed,
@@ -21,7 +21,40 @@ finally:
     if _hide_rich:
         del sys.modules["rich"]
 
-__all__ = ["bound", "configure", "get_logger", "level_from_env"]
+__all__ = [
+    "configure",
+    "get_logger",
+    "level_from_env",
+    "merge_message_fields",
+    "message_fields",
+    "reset_message_fields",
+]
+
+# The fields of the message being processed in this task. One ContextVar holding a mapping,
+# merged into a log line only when a line is written: setting it costs a fraction of a
+# microsecond per message, where structlog's bound_contextvars costs about ten.
+_message: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar("choreo_message", default=None)
+
+
+def message_fields(fields: Mapping[str, Any] | None) -> contextvars.Token[Mapping[str, Any] | None]:
+    """Make ``fields`` part of every log line of this task (choreo's and the handler's own)
+    until the returned token is passed to :func:`reset_message_fields`."""
+    return _message.set(fields)
+
+
+def reset_message_fields(token: contextvars.Token[Mapping[str, Any] | None]) -> None:
+    _message.reset(token)
+
+
+def merge_message_fields(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: adds the current message's fields (explicit keys win)."""
+    fields = _message.get()
+    if fields:
+        for key, value in fields.items():
+            if value is not None:
+                event_dict.setdefault(key, value)
+    return event_dict
+
 
 _state = {"configured": False}
 
@@ -33,6 +66,7 @@ def configure(*, json: bool | None = None, level: int | None = None) -> None:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            merge_message_fields,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
@@ -50,15 +84,6 @@ def level_from_env(default: int = logging.INFO) -> int:
     name = os.environ.get("CHOREO_LOG_LEVEL", "").strip().upper()
     level = logging.getLevelName(name) if name else default
     return level if isinstance(level, int) else default
-
-
-@contextmanager
-def bound(**fields: Any) -> Iterator[None]:
-    """Every log line in this block (this task only) carries ``fields``: the message path binds
-    agent, event type, event id, trace id and causation id, and handlers' own structlog lines
-    get them too."""
-    with structlog.contextvars.bound_contextvars(**{k: v for k, v in fields.items() if v is not None}):
-        yield
 
 
 def get_logger(name: str) -> Any:

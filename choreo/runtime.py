@@ -41,7 +41,7 @@ from .errors import (
 )
 from .events import Event
 from .ids import derived_id
-from .log import bound, get_logger
+from .log import get_logger, message_fields, reset_message_fields
 from .observability import tracing as otel
 from .observability.heartbeat import LatencyWindow
 from .observability.metrics import AgentMetrics, Metrics
@@ -144,7 +144,8 @@ class AgentRuntime(Generic[S]):
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self._local_claims: dict[str, asyncio.Future[None]] = {}
+        # Deliveries waiting for another delivery of the same key in this process to finish.
+        self._local_claims: dict[str, list[asyncio.Future[None]]] = {}
         self._cleanup_task: asyncio.Task[None] | None = None
         self._renew_task: asyncio.Task[None] | None = None
         self._held: dict[str, Claim] = {}  # claims of handlers running now, renewed by _renew_leases
@@ -298,18 +299,22 @@ class AgentRuntime(Generic[S]):
             if isinstance(fault, EventExpired):
                 metrics.expired(label)
             span = self._consume_span(tracing, delivery, envelope, start_ns)
-            with bound(**self._log_fields(delivery, envelope)):
+            token = message_fields(self._log_fields(delivery, envelope))
+            try:
                 await self._dead_letter(delivery, fault.reason, str(fault))
+            finally:
+                reset_message_fields(token)
             if span is not None:
                 span.finish("dead_lettered", f"{fault.reason}: {fault}")
             return
         metrics.received(label)
         span = self._consume_span(tracing, delivery, envelope, start_ns)
         outcome = "requeued"
+        token = message_fields(self._log_fields(delivery, envelope))
         try:
-            with bound(**self._log_fields(delivery, envelope)):
-                outcome = await self._claim_and_handle(delivery, envelope, spec, event)
+            outcome = await self._claim_and_handle(delivery, envelope, spec, event)
         finally:
+            reset_message_fields(token)
             if span is not None:
                 span.finish(outcome)
 
@@ -353,16 +358,15 @@ class AgentRuntime(Generic[S]):
             log.debug("duplicate suppressed")
             await self._settle(delivery)
             return "duplicate"
-        local = asyncio.get_running_loop().create_future()
-        self._local_claims[key] = local
         self._held[key] = claim
         try:
             return await self._handle(delivery, envelope, spec, event, claim)
         finally:
             del self._held[key]
             await claim.release()  # no-op once completed or released; frees it on any error
-            del self._local_claims[key]
-            local.set_result(None)
+            for waiter in self._local_claims.pop(key, ()):
+                if not waiter.done():
+                    waiter.set_result(None)
 
     async def _claim(self, key: str) -> Claim | None:
         """The claim for ``key``, or None when the key is already done (a duplicate)."""
@@ -371,15 +375,18 @@ class AgentRuntime(Generic[S]):
         # meanwhile) or one lease after the holder died; wait no longer than that.
         deadline = asyncio.get_running_loop().time() + self.agent.worst_case_hold_s + self.lease_s + 1.0
         while True:
-            local = self._local_claims.get(key)
-            if local is not None:  # the same key is being handled in this process: wait for it
-                await local
+            if key in self._held:  # the same key is being handled in this process: wait for it
+                waiter = asyncio.get_running_loop().create_future()
+                self._local_claims.setdefault(key, []).append(waiter)
+                await waiter
                 continue
             claim = await self.dedup.begin(self.agent.name, key, lease_s=self.lease_s)
             if claim.status == "claimed":
                 return claim
             if claim.status == "done":
                 return None
+            if key in self._held:  # a delivery in this process claimed it meanwhile: wait for it
+                continue
             # Held by another replica (or a crashed one whose lease runs out): keep the message
             # unacked and look again, rather than requeueing into a hot loop.
             if asyncio.get_running_loop().time() > deadline:

@@ -20,7 +20,6 @@ commit together with the dedup mark (a transactional inbox).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
 from typing import Literal, Protocol
 
 __all__ = ["Claim", "ClaimResult", "DedupStore", "LeaseClaim"]
@@ -71,6 +70,16 @@ class DedupStore(Protocol):
     async def begin(self, agent: str, key: str, *, lease_s: float) -> Claim: ...
 
 
+class _NoScope(contextlib.AbstractAsyncContextManager[None]):
+    """A reusable no-op ``async with`` (cheaper than a generator-based context manager)."""
+
+    async def __aexit__(self, *_: object) -> None:
+        return None
+
+
+_NO_SCOPE = _NoScope()
+
+
 class LeaseClaim:
     """A :class:`Claim` over a store's claim / complete / release with a lease."""
 
@@ -91,9 +100,8 @@ class LeaseClaim:
     def transaction(self) -> object | None:
         return None
 
-    @contextlib.asynccontextmanager
-    async def attempt(self) -> AsyncIterator[None]:
-        yield
+    def attempt(self) -> contextlib.AbstractAsyncContextManager[None]:
+        return _NO_SCOPE  # lease claims have nothing to undo between tries
 
     async def complete(self) -> None:
         self._settled = True

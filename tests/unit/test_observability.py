@@ -17,6 +17,7 @@ from opentelemetry.trace import SpanKind
 
 import choreo
 from agents.saga import SagaRun, plan_orders
+from choreo.log import merge_message_fields
 from choreo.observability import tracing
 from choreo.observability.heartbeat import LatencyWindow, collect, control_exchange
 from choreo.observability.metrics import METRIC_NAMES, Metrics
@@ -155,7 +156,7 @@ async def test_message_logs_carry_event_fields(
     running: tuple[choreo.Worker, InMemoryTransport, int], settings: choreo.Settings
 ) -> None:
     worker, transport, _ = running
-    with structlog.testing.capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+    with structlog.testing.capture_logs(processors=[merge_message_fields]) as logs:
         envelope = await publish(transport, settings, 13, causation_id="cause-1")
         await wait_for(lambda: worker.runtimes[0].stats.dead_lettered_total == 1, within=5, what="dead-letter")
     expected = {
