@@ -295,9 +295,9 @@ class AgentRuntime(Generic[S]):
             label = metrics.bounded(envelope.type)
             spec, event = self._resolve(envelope)
         except MessageFault as fault:
-            metrics.received(label)
+            metrics.count_received(label)
             if isinstance(fault, EventExpired):
-                metrics.expired(label)
+                metrics.count_expired(label)
             span = self._consume_span(tracing, delivery, envelope, start_ns)
             token = message_fields(self._log_fields(delivery, envelope))
             try:
@@ -307,7 +307,7 @@ class AgentRuntime(Generic[S]):
             if span is not None:
                 span.finish("dead_lettered", f"{fault.reason}: {fault}")
             return
-        metrics.received(label)
+        metrics.count_received(label)
         span = self._consume_span(tracing, delivery, envelope, start_ns)
         outcome = "requeued"
         token = message_fields(self._log_fields(delivery, envelope))
@@ -354,7 +354,7 @@ class AgentRuntime(Generic[S]):
         claim = await self._claim(key)
         if claim is None:
             self.stats.duplicates += 1
-            self.metrics.duplicate(envelope.type)
+            self.metrics.count_duplicate(envelope.type)
             log.debug("duplicate suppressed")
             await self._settle(delivery)
             return "duplicate"
@@ -428,8 +428,8 @@ class AgentRuntime(Generic[S]):
             messages, tries = await run_with_retries(call, policy)
         except HandlerError as failure:
             self.stats.failed += 1
-            metrics.failed(event_type)
-            metrics.retried(event_type, failure.tries - 1)
+            metrics.count_failed(event_type)
+            metrics.count_retried(event_type, failure.tries - 1)
             log.warning("handler failed", tries=failure.tries, permanent=failure.permanent, error=repr(failure.error))
             return await self._on_failure(
                 delivery,
@@ -441,10 +441,10 @@ class AgentRuntime(Generic[S]):
                 attempts=prior + failure.tries,
             )
         self.stats.retried_in_process += tries - 1
-        metrics.retried(event_type, tries - 1)
+        metrics.count_retried(event_type, tries - 1)
         if await self._publish_then_ack(delivery, claim, messages, envelope.trace_id):
             self.stats.handled += 1
-            metrics.handled(event_type)
+            metrics.count_handled(event_type)
             log.debug("handled", emitted=len(messages), tries=tries)
             return "handled"
         return "requeued"
@@ -506,7 +506,7 @@ class AgentRuntime(Generic[S]):
                 delivery, self.queues.retry(tier), {ATTEMPTS: attempts, DELAYED: delayed + 1, ERROR: error}
             ):
                 self.stats.retried_delayed += 1
-                self.metrics.retried(envelope.type)
+                self.metrics.count_retried(envelope.type)
                 log.info("delayed retry scheduled", retry_queue=self.queues.retry(tier), attempts=attempts)
                 return "retry_scheduled"
             return "requeued"
@@ -603,7 +603,7 @@ class AgentRuntime(Generic[S]):
         }
         if await self._move(delivery, self.queues.dlq, fault):
             self.stats.dead_lettered[reason] += 1
-            self.metrics.dead_lettered(reason)
+            self.metrics.count_dead_lettered(reason)
             log.warning("dead-lettered", reason=reason, error=error[:200])
 
     async def _requeue(self, delivery: Delivery, error: str, *, may_dead_letter: bool = True) -> None:

@@ -10,18 +10,21 @@ CPU and memory, and whatever the application registers itself).
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterable
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
     CollectorRegistry,
-    Counter,
     Gauge,
-    Histogram,
+    Metric,
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 __all__ = ["CONTENT_TYPE", "METRIC_NAMES", "AgentMetrics", "Metrics"]
 
@@ -53,51 +56,59 @@ _HANDLER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 _CONFIRM_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
+_BY_TYPE = ("agent", "type")
+# (family, help, labels) of the counters; ``_total`` is added at exposition.
+_COUNTERS = {
+    "received": ("choreo_messages_received", "Deliveries taken from the agent's queue.", _BY_TYPE),
+    "handled": ("choreo_messages_handled", "Events handled, emitted events confirmed, then acked.", _BY_TYPE),
+    "failed": ("choreo_messages_failed", "Events whose handler failed after its in-process tries.", _BY_TYPE),
+    "retried": ("choreo_messages_retried", "Handler re-runs: in-process tries and delayed retries.", _BY_TYPE),
+    "dead_lettered": (
+        "choreo_messages_dead_lettered",
+        "Messages moved to the agent's DLQ, by reason.",
+        ("agent", "reason"),
+    ),
+    "expired": ("choreo_messages_expired", "Events older than their ttl_ms (dead-lettered as expired).", _BY_TYPE),
+    "duplicates": ("choreo_duplicates_suppressed", "Deliveries whose dedup key was already done.", _BY_TYPE),
+}
+
+
+class _Histogram:
+    """Bucket counts in plain ints (cumulated at exposition)."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out, total = [], 0
+        for bound, count in zip((*map(floatToGoString, self.bounds), "+Inf"), self.counts, strict=True):
+            total += count
+            out.append((bound, float(total)))
+        return out
+
+
 class Metrics:
-    """The metric families of one worker, on their own registry."""
+    """The metric families of one worker, on their own registry.
+
+    Counters and histograms of the message path are plain integers in :class:`AgentMetrics`,
+    read by a collector at scrape time: prometheus_client's own take a lock per increment,
+    which cost more than the rest of the metrics work on a message. Single-threaded updates
+    (the event loop) make plain integers exact.
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
-        by_type = ["agent", "type"]
-        self.received = Counter(
-            "choreo_messages_received", "Deliveries taken from the agent's queue.", by_type, registry=r
-        )
-        self.handled = Counter(
-            "choreo_messages_handled", "Events handled, emitted events confirmed, then acked.", by_type, registry=r
-        )
-        self.failed = Counter(
-            "choreo_messages_failed", "Events whose handler failed after its in-process tries.", by_type, registry=r
-        )
-        self.retried = Counter(
-            "choreo_messages_retried", "Handler re-runs: in-process tries and delayed retries.", by_type, registry=r
-        )
-        self.dead_lettered = Counter(
-            "choreo_messages_dead_lettered",
-            "Messages moved to the agent's DLQ, by reason.",
-            ["agent", "reason"],
-            registry=r,
-        )
-        self.expired = Counter(
-            "choreo_messages_expired", "Events older than their ttl_ms (dead-lettered as expired).", by_type, registry=r
-        )
-        self.duplicates = Counter(
-            "choreo_duplicates_suppressed", "Deliveries whose dedup key was already done.", by_type, registry=r
-        )
-        self.handler_duration = Histogram(
-            "choreo_handler_duration_seconds",
-            "Handler run time per try.",
-            by_type,
-            buckets=_HANDLER_BUCKETS,
-            registry=r,
-        )
-        self.publish_confirm = Histogram(
-            "choreo_publish_confirm_seconds",
-            "From publishing a handler's emitted events to the broker's confirms.",
-            ["agent"],
-            buckets=_CONFIRM_BUCKETS,
-            registry=r,
-        )
+        self._agents: list[AgentMetrics] = []
+        r.register(_MessageCollector(self._agents))
         self.in_flight = Gauge("choreo_messages_in_flight", "Deliveries being processed now.", ["agent"], registry=r)
         self.consumers = Gauge(
             "choreo_consumers_attached", "1 while the agent's consumer is attached to its queue.", ["agent"], registry=r
@@ -105,64 +116,94 @@ class Metrics:
         self.ready = Gauge("choreo_ready", "1 while the worker is connected and all consumers attached.", registry=r)
 
     def for_agent(self, agent: str, handled_types: Iterable[str]) -> AgentMetrics:
-        return AgentMetrics(self, agent, handled_types)
+        metrics = AgentMetrics(self, agent, handled_types)
+        self._agents.append(metrics)
+        return metrics
 
     def exposition(self) -> bytes:
         """The text exposition of this worker's metrics, then the process-wide ones."""
         return generate_latest(self.registry) + generate_latest(REGISTRY)
 
 
+class _MessageCollector(Collector):
+    def __init__(self, agents: list[AgentMetrics]) -> None:
+        self._agents = agents
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # families are known only at collection (no duplicate-name checks needed)
+
+    def collect(self) -> Iterable[Metric]:
+        for attr, (name, text, labels) in _COUNTERS.items():
+            family = CounterMetricFamily(name, text, labels=labels)
+            for agent in self._agents:
+                for label, value in getattr(agent, attr).items():
+                    family.add_metric([agent.agent, label], value)
+            yield family
+        duration = HistogramMetricFamily(
+            "choreo_handler_duration_seconds", "Handler run time per try.", labels=_BY_TYPE
+        )
+        confirm = HistogramMetricFamily(
+            "choreo_publish_confirm_seconds",
+            "From publishing a handler's emitted events to the broker's confirms.",
+            labels=("agent",),
+        )
+        for agent in self._agents:
+            for label, hist in agent.durations.items():
+                duration.add_metric([agent.agent, label], hist.buckets(), hist.sum)
+            confirm.add_metric([agent.agent], agent.confirm.buckets(), agent.confirm.sum)
+        yield duration
+        yield confirm
+
+
 class AgentMetrics:
-    """One agent's children of the metric families, resolved once per event type so the
-    message path does a dict lookup, not a label resolution."""
+    """One agent's counters, per event type (types it does not handle count as ``other``)."""
 
     def __init__(self, metrics: Metrics, agent: str, handled_types: Iterable[str]) -> None:
         self.agent = agent
         self._types = {*handled_types, OTHER_TYPE}
-        m = metrics
-        self._received = {t: m.received.labels(agent, t) for t in self._types}
-        self._handled = {t: m.handled.labels(agent, t) for t in self._types}
-        self._failed = {t: m.failed.labels(agent, t) for t in self._types}
-        self._retried = {t: m.retried.labels(agent, t) for t in self._types}
-        self._expired = {t: m.expired.labels(agent, t) for t in self._types}
-        self._duplicates = {t: m.duplicates.labels(agent, t) for t in self._types}
-        self._duration = {t: m.handler_duration.labels(agent, t) for t in self._types}
-        self._dead_lettered = m.dead_lettered
-        self._confirm = m.publish_confirm.labels(agent)
-        self._in_flight = m.in_flight.labels(agent)
-        self._consumers = m.consumers.labels(agent)
+        zero = dict.fromkeys(sorted(self._types), 0)
+        self.received = dict(zero)
+        self.handled = dict(zero)
+        self.failed = dict(zero)
+        self.retried = dict(zero)
+        self.expired = dict(zero)
+        self.duplicates = dict(zero)
+        self.dead_lettered: dict[str, int] = {}
+        self.durations = {t: _Histogram(_HANDLER_BUCKETS) for t in sorted(self._types)}
+        self.confirm = _Histogram(_CONFIRM_BUCKETS)
+        self._in_flight = metrics.in_flight.labels(agent)
+        self._consumers = metrics.consumers.labels(agent)
 
     def bounded(self, event_type: str | None) -> str:
         """``event_type`` if this agent handles it, else ``other`` (labels stay bounded)."""
         return event_type if event_type in self._types else OTHER_TYPE
 
-    def received(self, event_type: str) -> None:
-        self._received[event_type].inc()
+    def count_received(self, event_type: str) -> None:
+        self.received[event_type] += 1
 
-    def handled(self, event_type: str) -> None:
-        self._handled[event_type].inc()
+    def count_handled(self, event_type: str) -> None:
+        self.handled[event_type] += 1
 
-    def failed(self, event_type: str) -> None:
-        self._failed[event_type].inc()
+    def count_failed(self, event_type: str) -> None:
+        self.failed[event_type] += 1
 
-    def retried(self, event_type: str, count: int = 1) -> None:
-        if count:
-            self._retried[event_type].inc(count)
+    def count_retried(self, event_type: str, count: int = 1) -> None:
+        self.retried[event_type] += count
 
-    def expired(self, event_type: str) -> None:
-        self._expired[event_type].inc()
+    def count_expired(self, event_type: str) -> None:
+        self.expired[event_type] += 1
 
-    def duplicate(self, event_type: str) -> None:
-        self._duplicates[event_type].inc()
+    def count_duplicate(self, event_type: str) -> None:
+        self.duplicates[event_type] += 1
 
-    def dead_lettered(self, reason: str) -> None:
-        self._dead_lettered.labels(self.agent, reason).inc()
+    def count_dead_lettered(self, reason: str) -> None:
+        self.dead_lettered[reason] = self.dead_lettered.get(reason, 0) + 1
 
     def handler_seconds(self, event_type: str, seconds: float) -> None:
-        self._duration[event_type].observe(seconds)
+        self.durations[event_type].observe(seconds)
 
     def confirm_seconds(self, seconds: float) -> None:
-        self._confirm.observe(seconds)
+        self.confirm.observe(seconds)
 
     def track_in_flight(self, read: Callable[[], float]) -> None:
         """Read at scrape time: the message path pays nothing for this gauge."""

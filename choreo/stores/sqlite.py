@@ -5,24 +5,30 @@ thread (a thread hop costs more than the write). ``synchronous=NORMAL`` in WAL m
 committed mark across a process crash (``kill -9``); only an OS crash can lose the last
 commits, which then re-run as at-least-once deliveries and are absorbed by handler idempotency.
 
-Group commit: claims and completions requested in the same event-loop turn (a burst of
-deliveries, handlers finishing together) run in one transaction, committed before any of their
-callers resumes. A caller of :meth:`complete` therefore still acks only after its mark is
-committed; the commit, not the guarantee, is shared.
+One write transaction per event-loop turn: every claim, completion, release and renewal of a
+turn runs at once inside it, and it commits at the start of the next turn. :meth:`claim` and
+:meth:`complete` return only after that commit, so a handler still runs only on a durable
+claim and a message is still acked only after its durable mark; the commit, not the
+guarantee, is shared (with hundreds of deliveries in flight, one commit serves dozens). Stores
+of one process on the same file share the connection and its transaction (a second
+connection would wait on the first one's write lock while the loop cannot commit it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .base import ClaimResult, LeaseStoreMixin
 
 __all__ = ["SQLiteDedupStore", "connect"]
+
+_T = TypeVar("_T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS choreo_dedup (
@@ -48,49 +54,58 @@ def connect(path: str | Path) -> sqlite3.Connection:
     return db
 
 
-_Op = Callable[[sqlite3.Connection], Any]
+class _TurnTransaction:
+    """The write transaction of the current event-loop turn on one connection."""
 
-
-class _GroupCommit:
-    """Runs the operations queued during one event-loop turn in one transaction."""
-
-    __slots__ = ("_db", "_pending", "_scheduled")
+    __slots__ = ("_committed", "_db", "_open")
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self._db = db
-        self._pending: list[tuple[_Op, asyncio.Future[Any]]] = []
-        self._scheduled = False
+        self._open = False
+        self._committed: asyncio.Future[None] | None = None
 
-    def submit(self, op: _Op) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._pending.append((op, future))
-        if not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._flush)
-        return future
+    def run(self, op: Callable[..., _T], *args: Any) -> _T:
+        """Run ``op(db, *args)`` now, in this turn's transaction (begun if need be)."""
+        if not self._open:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._open = True
+            asyncio.get_running_loop().call_soon(self._commit)
+        return op(self._db, *args)
 
-    def _flush(self) -> None:
-        self._scheduled = False
-        batch, self._pending = self._pending, []
-        db = self._db
-        results: list[Any] = []
+    def committed(self) -> asyncio.Future[None] | None:
+        """A future resolved once this turn's transaction is committed (failed if the commit
+        failed), or None when no transaction is open (everything run so far is committed)."""
+        if not self._open:
+            return None
+        if self._committed is None:
+            self._committed = asyncio.get_running_loop().create_future()
+        return self._committed
+
+    def _commit(self) -> None:
+        waiters, self._committed = self._committed, None
+        self._open = False
         try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                results = [op(db) for op, _ in batch]
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-        except Exception as exc:  # every caller of this batch sees the failure; none was committed
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
+            self._db.execute("COMMIT")
+        except Exception as exc:  # every operation of this turn is lost: their callers must know
+            with contextlib.suppress(Exception):
+                self._db.execute("ROLLBACK")
+            if waiters is not None:
+                waiters.set_exception(exc)
             return
-        for (_, future), result in zip(batch, results, strict=True):
-            if not future.done():  # its caller may have been cancelled meanwhile
-                future.set_result(result)
+        if waiters is not None:
+            waiters.set_result(None)
+
+
+class _Shared:
+    """One connection (and turn transaction) per file and process, counted by its users."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.txn = _TurnTransaction(db)
+        self.users = 0
+
+
+_SHARED: dict[str, _Shared] = {}
 
 
 def _claim(db: sqlite3.Connection, agent: str, key: str, lease_s: float) -> ClaimResult:
@@ -122,54 +137,81 @@ def _complete(db: sqlite3.Connection, agent: str, key: str) -> None:
 class SQLiteDedupStore(LeaseStoreMixin):
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._db: sqlite3.Connection | None = None
-        self._group: _GroupCommit | None = None
+        self._shared: _Shared | None = None
 
     @property
     def db(self) -> sqlite3.Connection:
-        if self._db is None:
+        return self._open_shared().db
+
+    def _open_shared(self) -> _Shared:
+        if self._shared is None:
             raise RuntimeError("SQLiteDedupStore is not open")
-        return self._db
+        return self._shared
 
     async def open(self) -> None:
-        if self._db is not None:
+        if self._shared is not None:
             return
-        db = connect(self.path)
-        db.executescript(_SCHEMA)
-        self._db = db
-        self._group = _GroupCommit(db)
+        key = str(self.path.resolve())
+        shared = _SHARED.get(key)
+        if shared is None:
+            db = connect(self.path)
+            db.executescript(_SCHEMA)
+            shared = _SHARED[key] = _Shared(db)
+        shared.users += 1
+        self._shared = shared
 
     async def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
-            self._group = None
+        shared, self._shared = self._shared, None
+        if shared is None:
+            return
+        shared.users -= 1
+        if shared.users == 0:
+            if shared.txn.committed() is not None:
+                shared.txn._commit()
+            shared.db.close()
+            _SHARED.pop(str(self.path.resolve()), None)
 
-    @property
-    def group(self) -> _GroupCommit:
-        if self._group is None:
-            raise RuntimeError("SQLiteDedupStore is not open")
-        return self._group
+    async def _durable(self, txn: _TurnTransaction) -> None:
+        committed = txn.committed()
+        if committed is not None:
+            await committed
 
     async def claim(self, agent: str, key: str, *, lease_s: float) -> ClaimResult:
-        result: ClaimResult = await self.group.submit(lambda db: _claim(db, agent, key, lease_s))
+        txn = self._open_shared().txn
+        result = txn.run(_claim, agent, key, lease_s)
+        await self._durable(txn)  # a handler runs only on a committed claim
         return result
 
     async def complete(self, agent: str, key: str) -> None:
-        await self.group.submit(lambda db: _complete(db, agent, key))
+        txn = self._open_shared().txn
+        txn.run(_complete, agent, key)
+        await self._durable(txn)  # the caller acks only after this
 
     async def release(self, agent: str, key: str) -> None:
-        self.db.execute("DELETE FROM choreo_dedup WHERE agent = ? AND key = ? AND done = 0", (agent, key))
+        # Not waited for: a release lost to a failed commit ends with the lease instead.
+        self._open_shared().txn.run(_release, agent, key)
 
     async def extend(self, agent: str, key: str, *, lease_s: float) -> None:
-        now = time.time()
-        self.db.execute(
-            "UPDATE choreo_dedup SET lease_until = ?, updated_at = ? WHERE agent = ? AND key = ? AND done = 0",
-            (now + lease_s, now, agent, key),
-        )
+        self._open_shared().txn.run(_extend, agent, key, lease_s)
 
     async def cleanup(self, *, older_than_s: float) -> int:
-        cur = self.db.execute(
-            "DELETE FROM choreo_dedup WHERE done = 1 AND updated_at < ?", (time.time() - older_than_s,)
-        )
-        return cur.rowcount
+        txn = self._open_shared().txn
+        removed = txn.run(_cleanup, time.time() - older_than_s)
+        await self._durable(txn)
+        return removed
+
+
+def _release(db: sqlite3.Connection, agent: str, key: str) -> None:
+    db.execute("DELETE FROM choreo_dedup WHERE agent = ? AND key = ? AND done = 0", (agent, key))
+
+
+def _extend(db: sqlite3.Connection, agent: str, key: str, lease_s: float) -> None:
+    now = time.time()
+    db.execute(
+        "UPDATE choreo_dedup SET lease_until = ?, updated_at = ? WHERE agent = ? AND key = ? AND done = 0",
+        (now + lease_s, now, agent, key),
+    )
+
+
+def _cleanup(db: sqlite3.Connection, before: float) -> int:
+    return db.execute("DELETE FROM choreo_dedup WHERE done = 1 AND updated_at < ?", (before,)).rowcount

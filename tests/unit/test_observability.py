@@ -202,9 +202,28 @@ def test_latency_window_percentiles() -> None:
 
 def test_metric_registries_do_not_clash() -> None:
     a, b = Metrics(), Metrics()  # two workers in one process
-    a.for_agent("x", ["t"]).handled("t")
+    a.for_agent("x", ["t"]).count_handled("t")
     assert sample(a.exposition().decode(), "choreo_messages_handled_total", agent="x", type="t") == 1
     assert sample(b.exposition().decode(), "choreo_messages_handled_total", agent="x", type="t") is None
+
+
+def test_histograms_expose_cumulative_buckets_count_and_sum() -> None:
+    metrics = Metrics()
+    agent = metrics.for_agent("x", ["t"])
+    for seconds in (0.003, 0.005, 0.2, 99.0):  # 0.005 sits on a bound: le means <=
+        agent.handler_seconds("t", seconds)
+    agent.confirm_seconds(0.0004)
+    text = metrics.exposition().decode()
+    bucket = "choreo_handler_duration_seconds_bucket"
+    assert sample(text, bucket, agent="x", type="t", le="0.0025") == 0
+    assert sample(text, bucket, agent="x", type="t", le="0.005") == 2
+    assert sample(text, bucket, agent="x", type="t", le="0.25") == 3
+    assert sample(text, bucket, agent="x", type="t", le="30.0") == 3
+    assert sample(text, bucket, agent="x", type="t", le="+Inf") == 4
+    assert sample(text, "choreo_handler_duration_seconds_count", agent="x", type="t") == 4
+    assert sample(text, "choreo_handler_duration_seconds_sum", agent="x", type="t") == pytest.approx(99.208)
+    assert sample(text, bucket, agent="x", type="other", le="+Inf") == 0
+    assert sample(text, "choreo_publish_confirm_seconds_bucket", agent="x", le="0.0005") == 1
 
 
 # traces -----------------------------------------------------------------------------------------
