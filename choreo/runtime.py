@@ -131,7 +131,8 @@ class AgentRuntime(Generic[S]):
         # Short leases, renewed every third of a lease while a handler runs (see _renew_leases):
         # a slow handler keeps its claim, a crashed worker's claims free up within one lease.
         self.lease_s = lease_s if lease_s is not None else settings.dedup_lease_s
-        hold_s = agent.worst_case_hold_s + 30.0  # + publishing and settling
+        self._worst_hold_s = agent.worst_case_hold_s
+        hold_s = self._worst_hold_s + 30.0  # + publishing and settling
         if hold_s * 1000 >= settings.consumer_timeout_ms:
             raise ConfigError(
                 f"agent {agent.name!r} may hold a message {hold_s:.0f}s, beyond RabbitMQ's consumer_timeout "
@@ -373,7 +374,7 @@ class AgentRuntime(Generic[S]):
         backoff = 0.05
         # A claim held elsewhere ends within the holder's longest handling (it renews its lease
         # meanwhile) or one lease after the holder died; wait no longer than that.
-        deadline = asyncio.get_running_loop().time() + self.agent.worst_case_hold_s + self.lease_s + 1.0
+        deadline = asyncio.get_running_loop().time() + self._worst_hold_s + self.lease_s + 1.0
         while True:
             if key in self._held:  # the same key is being handled in this process: wait for it
                 waiter = asyncio.get_running_loop().create_future()

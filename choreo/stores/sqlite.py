@@ -110,28 +110,34 @@ _SHARED: dict[str, _Shared] = {}
 
 def _claim(db: sqlite3.Connection, agent: str, key: str, lease_s: float) -> ClaimResult:
     now = time.time()
-    row = db.execute(
-        "INSERT INTO choreo_dedup (agent, key, done, lease_until, updated_at) VALUES (?, ?, 0, ?, ?) "
-        "ON CONFLICT (agent, key) DO UPDATE "
-        "SET lease_until = excluded.lease_until, updated_at = excluded.updated_at "
-        "WHERE choreo_dedup.done = 0 AND choreo_dedup.lease_until <= excluded.updated_at "
-        "RETURNING done",
+    # The common case, a key never seen: one plain insert.
+    if db.execute(
+        "INSERT OR IGNORE INTO choreo_dedup (agent, key, done, lease_until, updated_at) VALUES (?, ?, 0, ?, ?)",
         (agent, key, now + lease_s, now),
-    ).fetchone()
-    if row is not None:
+    ).rowcount:
         return "claimed"
-    # In the same transaction as the insert, so the row cannot vanish in between.
+    # Seen before: take it over only if it is not done and its lease ran out. In the same
+    # transaction as the insert, so the row cannot change in between.
+    if db.execute(
+        "UPDATE choreo_dedup SET lease_until = ?, updated_at = ? "
+        "WHERE agent = ? AND key = ? AND done = 0 AND lease_until <= ?",
+        (now + lease_s, now, agent, key, now),
+    ).rowcount:
+        return "claimed"
     existing = db.execute("SELECT done FROM choreo_dedup WHERE agent = ? AND key = ?", (agent, key)).fetchone()
     return "done" if existing[0] else "busy"
 
 
 def _complete(db: sqlite3.Connection, agent: str, key: str) -> None:
     now = time.time()
-    db.execute(
-        "INSERT INTO choreo_dedup (agent, key, done, lease_until, updated_at) VALUES (?, ?, 1, ?, ?) "
-        "ON CONFLICT (agent, key) DO UPDATE SET done = 1, updated_at = excluded.updated_at",
-        (agent, key, now, now),
-    )
+    # The claim's row exists (it is ours); the insert covers a row deleted meanwhile by hand.
+    if not db.execute(
+        "UPDATE choreo_dedup SET done = 1, updated_at = ? WHERE agent = ? AND key = ?", (now, agent, key)
+    ).rowcount:
+        db.execute(
+            "INSERT INTO choreo_dedup (agent, key, done, lease_until, updated_at) VALUES (?, ?, 1, ?, ?)",
+            (agent, key, now, now),
+        )
 
 
 class SQLiteDedupStore(LeaseStoreMixin):
