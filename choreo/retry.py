@@ -16,15 +16,16 @@ Permanent failures (``Reject``, exceptions listed in ``permanent``, or anything 
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import tenacity
 
 from .errors import ConfigError, HandlerError, Reject, Retry
 
-__all__ = ["DEFAULT_RETRY", "RetryPolicy", "run_with_retries"]
+__all__ = ["DEFAULT_RETRY", "Deadlines", "RetryPolicy", "run_with_retries"]
 
 T = TypeVar("T")
 
@@ -67,16 +68,82 @@ class RetryPolicy:
 DEFAULT_RETRY = RetryPolicy()
 
 
-async def run_with_retries(call: Callable[[], Awaitable[T]], policy: RetryPolicy) -> tuple[T, int]:
+class Deadlines:
+    """Bounds handler runs with one timer for all of them, not one per run.
+
+    Each run registers its task and deadline in a dict; a single timer, set for the earliest
+    deadline known when it is armed, cancels the tasks past theirs and re-arms for the next.
+    A cancel it caused surfaces as :class:`TimeoutError`, exactly as ``asyncio.timeout``
+    reports it (a cancel from elsewhere stays a cancel). With equal timeouts, deadlines arrive
+    in order, so a run costs two dict operations instead of a timer handle.
+    """
+
+    def __init__(self) -> None:
+        self._runs: dict[asyncio.Task[Any], tuple[float, int]] = {}
+        self._expired: set[asyncio.Task[Any]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+
+    async def run(self, call: Callable[[], Awaitable[T]], timeout_s: float) -> T:
+        """``await call()``, raising TimeoutError if it takes longer than ``timeout_s``."""
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("Deadlines.run must be awaited inside a task")
+        loop = asyncio.get_running_loop()
+        at = loop.time() + timeout_s
+        self._runs[task] = (at, task.cancelling())
+        if at < self._timer_at:
+            self._arm(loop, at)
+        try:
+            result = await call()
+        except BaseException as exc:
+            if self._leave(task) and isinstance(exc, asyncio.CancelledError):
+                raise TimeoutError(f"handler did not finish within {timeout_s}s") from None
+            raise
+        self._leave(task)  # a handler that swallowed our cancel still returns its result
+        return result
+
+    def _leave(self, task: asyncio.Task[Any]) -> bool:
+        """Forget ``task``'s run; True if the timer cancelled it and no other cancel is pending."""
+        _, cancelling = self._runs.pop(task)
+        if task not in self._expired:
+            return False
+        self._expired.discard(task)
+        return task.uncancel() <= cancelling
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._timer_at = loop.call_at(at, self._fire, loop), at
+
+    def _fire(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer, self._timer_at = None, math.inf
+        now, earliest = loop.time(), math.inf
+        for task, (at, _) in self._runs.items():
+            if at <= now:
+                if task not in self._expired:
+                    self._expired.add(task)
+                    task.cancel()
+            else:
+                earliest = min(earliest, at)
+        if earliest < math.inf:
+            self._arm(loop, earliest)
+
+
+async def run_with_retries(
+    call: Callable[[], Awaitable[T]], policy: RetryPolicy, deadlines: Deadlines | None = None
+) -> tuple[T, int]:
     """Run ``call`` under ``policy``; return (result, tries) or raise :class:`HandlerError`.
 
-    The first try runs directly (the common case, kept cheap); tenacity takes over only after a
-    retryable failure, with the same exponential backoff as if it had run the first try too.
+    Every try is bounded by ``policy.timeout_s`` (through ``deadlines``, shared by the runs of
+    one agent). The first try runs directly (the common case, kept cheap); tenacity takes over
+    only after a retryable failure, with the same exponential backoff as if it had run the
+    first try too.
     """
+    bound = deadlines or Deadlines()
     tries = 1
     try:
-        async with asyncio.timeout(policy.timeout_s):
-            return await call(), tries
+        return await bound.run(call, policy.timeout_s), tries
     except Exception as exc:
         if policy.is_permanent(exc) or policy.attempts <= 1:
             raise HandlerError(exc, tries, permanent=policy.is_permanent(exc)) from exc
@@ -85,8 +152,7 @@ async def run_with_retries(call: Callable[[], Awaitable[T]], policy: RetryPolicy
     async def attempt() -> T:
         nonlocal tries
         tries += 1
-        async with asyncio.timeout(policy.timeout_s):
-            return await call()
+        return await bound.run(call, policy.timeout_s)
 
     # Attempt k of this loop is try k+1 overall: its wait is backoff * 2**k.
     retrying = tenacity.AsyncRetrying(

@@ -46,7 +46,7 @@ from .observability import tracing as otel
 from .observability.heartbeat import LatencyWindow
 from .observability.metrics import AgentMetrics, Metrics
 from .publisher import to_message
-from .retry import run_with_retries
+from .retry import Deadlines, run_with_retries
 from .stores import dedup_store_for
 from .stores.base import Claim, DedupStore
 from .topology import Topology, agent_topology
@@ -139,6 +139,7 @@ class AgentRuntime(Generic[S]):
                 f"({settings.consumer_timeout_ms / 1000:.0f}s): lower its retry attempts or timeout_s"
             )
         self._tiers_ms = agent.retry_tiers_ms
+        self._deadlines = Deadlines()  # one timer bounds every handler run of this agent
         self.stats = AgentStats()
         self.state: S | None = None
         self._sub: Subscription | None = None
@@ -426,7 +427,7 @@ class AgentRuntime(Generic[S]):
                 raise Reject(f"TypeError: {exc}") from exc
 
         try:
-            messages, tries = await run_with_retries(call, policy)
+            messages, tries = await run_with_retries(call, policy, self._deadlines)
         except HandlerError as failure:
             self.stats.failed += 1
             metrics.count_failed(event_type)
