@@ -57,12 +57,14 @@ def connect(path: str | Path) -> sqlite3.Connection:
 class _TurnTransaction:
     """The write transaction of the current event-loop turn on one connection."""
 
-    __slots__ = ("_committed", "_db", "_open")
+    __slots__ = ("_db", "_open", "_waiters")
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self._db = db
         self._open = False
-        self._committed: asyncio.Future[None] | None = None
+        # One future per waiter: a waiter cancelled (its delivery's channel closed) cancels its
+        # own future only, never the others'.
+        self._waiters: list[asyncio.Future[None]] = []
 
     def run(self, op: Callable[..., _T], *args: Any) -> _T:
         """Run ``op(db, *args)`` now, in this turn's transaction (begun if need be)."""
@@ -77,23 +79,25 @@ class _TurnTransaction:
         failed), or None when no transaction is open (everything run so far is committed)."""
         if not self._open:
             return None
-        if self._committed is None:
-            self._committed = asyncio.get_running_loop().create_future()
-        return self._committed
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        return waiter
 
     def _commit(self) -> None:
-        waiters, self._committed = self._committed, None
+        waiters, self._waiters = self._waiters, []
         self._open = False
         try:
             self._db.execute("COMMIT")
         except Exception as exc:  # every operation of this turn is lost: their callers must know
             with contextlib.suppress(Exception):
                 self._db.execute("ROLLBACK")
-            if waiters is not None:
-                waiters.set_exception(exc)
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(exc)
             return
-        if waiters is not None:
-            waiters.set_result(None)
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
 
 class _Shared:
