@@ -9,7 +9,7 @@ One write transaction per event-loop turn: every claim, completion, release and 
 turn runs at once inside it, and it commits at the start of the next turn. :meth:`claim` and
 :meth:`complete` return only after that commit, so a handler still runs only on a durable
 claim and a message is still acked only after its durable mark; the commit, not the
-guarantee, is shared (with hundreds of deliveries in flight, one commit serves dozens). Stores
+guarantee, is shared by every delivery that reaches the store in that turn. Stores
 of one process on the same file share the connection and its transaction (a second
 connection would wait on the first one's write lock while the loop cannot commit it).
 """
@@ -57,35 +57,39 @@ def connect(path: str | Path) -> sqlite3.Connection:
 class _TurnTransaction:
     """The write transaction of the current event-loop turn on one connection."""
 
-    __slots__ = ("_db", "_open", "_waiters")
+    __slots__ = ("_db", "_handle", "_waiters")
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self._db = db
-        self._open = False
+        self._handle: asyncio.Handle | None = None  # the scheduled commit, while a transaction is open
         # One future per waiter: a waiter cancelled (its delivery's channel closed) cancels its
         # own future only, never the others'.
         self._waiters: list[asyncio.Future[None]] = []
 
     def run(self, op: Callable[..., _T], *args: Any) -> _T:
         """Run ``op(db, *args)`` now, in this turn's transaction (begun if need be)."""
-        if not self._open:
+        if self._handle is None:
             self._db.execute("BEGIN IMMEDIATE")
-            self._open = True
-            asyncio.get_running_loop().call_soon(self._commit)
+            self._handle = asyncio.get_running_loop().call_soon(self._commit)
         return op(self._db, *args)
 
-    def committed(self) -> asyncio.Future[None] | None:
-        """A future resolved once this turn's transaction is committed (failed if the commit
-        failed), or None when no transaction is open (everything run so far is committed)."""
-        if not self._open:
-            return None
+    def run_durably(self, op: Callable[..., _T], *args: Any) -> tuple[_T, asyncio.Future[None]]:
+        """:meth:`run`, plus a future resolved once the transaction holding it is committed
+        (failed if that commit failed)."""
+        result = self.run(op, *args)
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
-        return waiter
+        return result, waiter
+
+    def flush(self) -> None:
+        """Commit now, if a transaction is open (the last user closing the connection)."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._commit()
 
     def _commit(self) -> None:
         waiters, self._waiters = self._waiters, []
-        self._open = False
+        self._handle = None
         try:
             self._db.execute("COMMIT")
         except Exception as exc:  # every operation of this turn is lost: their callers must know
@@ -176,26 +180,18 @@ class SQLiteDedupStore(LeaseStoreMixin):
             return
         shared.users -= 1
         if shared.users == 0:
-            if shared.txn.committed() is not None:
-                shared.txn._commit()
+            shared.txn.flush()
             shared.db.close()
             _SHARED.pop(str(self.path.resolve()), None)
 
-    async def _durable(self, txn: _TurnTransaction) -> None:
-        committed = txn.committed()
-        if committed is not None:
-            await committed
-
     async def claim(self, agent: str, key: str, *, lease_s: float) -> ClaimResult:
-        txn = self._open_shared().txn
-        result = txn.run(_claim, agent, key, lease_s)
-        await self._durable(txn)  # a handler runs only on a committed claim
+        result, committed = self._open_shared().txn.run_durably(_claim, agent, key, lease_s)
+        await committed  # a handler runs only on a committed claim
         return result
 
     async def complete(self, agent: str, key: str) -> None:
-        txn = self._open_shared().txn
-        txn.run(_complete, agent, key)
-        await self._durable(txn)  # the caller acks only after this
+        _, committed = self._open_shared().txn.run_durably(_complete, agent, key)
+        await committed  # the caller acks only after this
 
     async def release(self, agent: str, key: str) -> None:
         # Not waited for: a release lost to a failed commit ends with the lease instead.
@@ -205,9 +201,8 @@ class SQLiteDedupStore(LeaseStoreMixin):
         self._open_shared().txn.run(_extend, agent, key, lease_s)
 
     async def cleanup(self, *, older_than_s: float) -> int:
-        txn = self._open_shared().txn
-        removed = txn.run(_cleanup, time.time() - older_than_s)
-        await self._durable(txn)
+        removed, committed = self._open_shared().txn.run_durably(_cleanup, time.time() - older_than_s)
+        await committed
         return removed
 
 

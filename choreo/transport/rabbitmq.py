@@ -290,10 +290,6 @@ class _RabbitSubscription:
     def queue(self) -> str:
         return self._queue
 
-    @property
-    def tag(self) -> str:
-        return self._tag
-
     async def _on_message(self, msg: aiormq.abc.DeliveredMessage) -> None:
         self._acks.delivered(msg.channel, msg.delivery_tag or 0)
         await self._handler(_RabbitDelivery(msg, self._acks))
@@ -555,25 +551,26 @@ class RabbitMQTransport(Transport):
         self._subs.append(sub)
         return sub
 
-    async def queue_exists(self, queue: str) -> bool:
-        """Passive declare on a throwaway channel (a missing queue closes only that channel)."""
+    async def _passive_declare(self, queue: str) -> aiormq.spec.Queue.DeclareOk | None:
+        """The broker's declare-ok for ``queue`` (depth, consumers), or None if it does not
+        exist; on a throwaway channel, since a missing queue closes the channel it is asked on."""
         async with self._temp_channel() as channel:
             try:
-                await channel.declare_queue(queue, passive=True)
+                declared = await channel.declare_queue(queue, passive=True)
             except aiormq.exceptions.ChannelNotFoundEntity:
-                return False
-        return True
+                return None
+            return declared.declaration_result
+
+    async def queue_exists(self, queue: str) -> bool:
+        return await self._passive_declare(queue) is not None
 
     async def inspect_queue(self, spec: QueueSpec) -> QueueState:
         """Passive declare for existence, depth and consumers; then, on an existing queue only,
         a declare with the spec's arguments, which is a no-op when they match and otherwise
         fails naming the differing argument (AMQP reports one difference at a time)."""
-        async with self._temp_channel() as channel:
-            try:
-                declared = await channel.declare_queue(spec.name, passive=True)
-            except aiormq.exceptions.ChannelNotFoundEntity:
-                return QueueState(spec.name, exists=False)
-            result = declared.declaration_result
+        result = await self._passive_declare(spec.name)
+        if result is None:
+            return QueueState(spec.name, exists=False)
         drift: dict[str, tuple[object, object]] = {}
         async with self._temp_channel() as channel:
             try:
@@ -583,12 +580,10 @@ class RabbitMQTransport(Transport):
         return QueueState(spec.name, True, result.message_count or 0, result.consumer_count or 0, drift)
 
     async def queue_depth(self, queue: str) -> int:
-        async with self._temp_channel() as channel:
-            try:
-                declared = await channel.declare_queue(queue, passive=True)
-            except aiormq.exceptions.ChannelNotFoundEntity as exc:
-                raise TransportError(f"queue {queue!r} does not exist") from exc
-            return declared.declaration_result.message_count or 0
+        result = await self._passive_declare(queue)
+        if result is None:
+            raise TransportError(f"queue {queue!r} does not exist")
+        return result.message_count or 0
 
     async def get(self, queue: str) -> Delivery | None:
         """basic.get on a channel of its own: a missing queue closes that channel (and is
