@@ -230,8 +230,11 @@ class SagaRun:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.worker.stop()
 
-    async def publish_all(self, *, duplicate_every: int = 20, inject_bad: bool = True, window: int = 100) -> None:
+    async def publish_all(
+        self, *, duplicate_every: int = 20, inject_bad: bool = True, window: int = 100, rate: float | None = None
+    ) -> None:
         """Publish every plan's order (in confirmed windows), some duplicates and bad messages.
+        ``rate`` (orders per second) paces the windows; by default they go as fast as confirmed.
 
         A publish the broker did not confirm (connections dropped mid-run) is sent again with
         the same envelope: at-least-once from the shop, exactly-once effects through dedup.
@@ -240,7 +243,10 @@ class SagaRun:
         envelopes = [
             new_envelope("order.placed", p.event.model_dump(mode="json"), source="demo-shop") for p in self.plans
         ]
+        began = time.monotonic()
         for start in range(0, len(envelopes), window):
+            if rate:
+                await asyncio.sleep(max(0.0, began + start / rate - time.monotonic()))
             batch = list(zip(self.plans[start : start + window], envelopes[start : start + window], strict=True))
             for plan, _ in batch:
                 self.sent_at[plan.order_id] = time.monotonic()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import secrets
 import sys
@@ -51,9 +50,6 @@ async def _connect(console: Console, settings: Settings, memory: bool) -> tuple[
 
         rabbit = RabbitMQTransport(settings.amqp_url, connection_name="choreo-demo", timeout=5.0)
         try:
-            # aio-pika logs the refused connection itself; the notice below says it better.
-            for name in ("aio_pika", "aiormq"):
-                logging.getLogger(name).setLevel(logging.CRITICAL)
             await rabbit.connect()
             return rabbit, f"RabbitMQ at {rabbit.connected_url or settings.amqp_url.split('@')[-1]}"
         except TransportError as exc:

@@ -1,19 +1,17 @@
-"""RabbitMQ transport on aio-pika. The only module that imports aio-pika.
+"""RabbitMQ transport on choreo's own AMQP client (:mod:`choreo.transport.amqp`).
 
-- One robust connection; aio-pika re-opens channels after a reconnect or a channel error.
-  Consumers are registered on the aiormq channel underneath (aio-pika's per-message wrapper
-  and second task cost more than the rest of a delivery), and restored by the subscription
-  itself after a re-open or a broker-side consumer cancel.
-- Several comma-separated URLs (the nodes of one cluster): connecting tries them in order;
-  after a lost connection or a failed attempt, the next reconnect goes to the next URL.
+- One connection, kept up by :class:`_Link`. Several comma-separated URLs (the nodes of one
+  cluster): connecting tries them in order; after a lost connection or a failed attempt, the
+  next reconnect goes to the next URL.
 - Publishing goes through one channel with publisher confirms; ``publish`` returns only
-  after the broker's ack. Mandatory publishes (queue moves) raise when unroutable. Messages
-  go straight to the aiormq channel with prebuilt properties (aio-pika's ``Message`` wrapper
-  costs more than the rest of a publish).
+  after the broker's ack, and rides out a lost connection or channel (bounded by
+  ``timeout``) by publishing again. Mandatory publishes (queue moves) go one at a time on a
+  channel of their own and raise when the broker returns them.
+- Each subscription has its own channel, so its prefetch and failures are its own, and
+  restores its consumer after a lost connection, a channel error or a broker-side cancel.
 - Acks are batched per channel: the acks requested in one event-loop turn go out as one
   ``basic.ack multiple=True`` for the longest run of settled delivery tags, plus single acks
   for settled tags after a gap (a slow message never holds back the others' acks).
-- Each subscription has its own channel, so its prefetch and failures are its own.
 - Declarations run on a throwaway channel: a ``PRECONDITION_FAILED`` closes only that
   channel and becomes a :class:`~choreo.errors.TopologyError` naming the differing argument.
 """
@@ -24,27 +22,24 @@ import asyncio
 import collections
 import contextlib
 import re
+import time
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
-from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import Any, cast
-
-import aio_pika
-import aio_pika.abc
-import aiormq.abc
-import aiormq.exceptions
-from aio_pika.connection import make_url
-from aio_pika.exceptions import CONNECTION_EXCEPTIONS
-from aiormq import spec as amqp_spec
-from yarl import URL
+from typing import Any
 
 from ..errors import ConfigError, PublishNotConfirmed, TopologyError, TransportError
+from ..log import get_logger
 from ..topology import QueueSpec, QueueState, Topology
+from .amqp.connection import Channel, ChannelClosedError, Connection, Endpoint, Message, PublishNackedError
+from .amqp.frames import Properties, commands, encode_ack, encode_nack, encode_properties, encode_publish
 from .base import Delivery, DeliveryHandler, OutgoingMessage, Subscription, Transport
 
 __all__ = ["RabbitMQTransport", "amqp_urls"]
+
+Exchange, Queue = commands.Exchange, commands.Queue
+log = get_logger("choreo.transport")
 
 # A comma separates two URLs only where the next one starts (``scheme://``): commas inside a
 # password or a query string stay where they are.
@@ -99,91 +94,64 @@ def _topology_error(exc: BaseException, entity: str) -> TopologyError:
 _PENDING, _TO_ACK, _SENT = 0, 1, 2
 
 
-class _ChannelAcks:
-    """Delivery tags of one aiormq channel, in delivery order, with their settle state."""
+class _Acks:
+    """Delivery tags of one channel, in delivery order, with their settle state.
 
-    __slots__ = ("channel", "lock", "order", "state", "waiters")
+    The acks requested in one loop turn go out together (see :meth:`ack`). ``basic.ack
+    multiple=True`` for tag T acks every unacked tag up to T on the channel, so T is only ever
+    the last to-ack tag of a prefix in which every tag is settled by us; tags settled after a
+    gap get single acks. Nacks go out at once and count as settled.
+    """
 
-    def __init__(self, channel: aiormq.abc.AbstractChannel) -> None:
+    __slots__ = ("channel", "order", "scheduled", "state", "waiters")
+
+    def __init__(self, channel: Channel) -> None:
         self.channel = channel
-        # One flush at a time per channel: a later flush's multiple ack must not overtake an
-        # earlier flush's single acks, or it would ack their tags first (an unknown-tag channel error).
-        self.lock = asyncio.Lock()
         self.order: collections.deque[int] = collections.deque()
         self.state: dict[int, int] = {}
         self.waiters: list[asyncio.Future[None]] = []
+        self.scheduled = False
 
+    def delivered(self, tag: int) -> None:
+        self.order.append(tag)
+        self.state[tag] = _PENDING
 
-class _AckBatcher:
-    """Collects the acks of one subscription and sends them once per event-loop turn.
-
-    ``basic.ack multiple=True`` for tag T acks every unacked tag up to T on that channel, so T
-    is only ever the last to-ack tag of a prefix in which every tag is settled by us. Nacks go
-    out at once and count as settled. A waiter of :meth:`ack` resumes once its frame is written.
-    """
-
-    def __init__(self) -> None:
-        self._channels: dict[int, _ChannelAcks] = {}
-        self._flush_task: asyncio.Task[None] | None = None
-
-    def delivered(self, channel: aiormq.abc.AbstractChannel, tag: int) -> None:
-        acks = self._channels.get(id(channel))
-        if acks is None or acks.channel is not channel:
-            acks = self._channels[id(channel)] = _ChannelAcks(channel)
-            # Channels of earlier connections are gone; their unacked messages are redelivered.
-            for key in [k for k, a in self._channels.items() if a.channel.is_closed and a is not acks]:
-                del self._channels[key]
-        acks.order.append(tag)
-        acks.state[tag] = _PENDING
-
-    def ack(self, channel: aiormq.abc.AbstractChannel, tag: int) -> asyncio.Future[None]:
-        acks = self._channels[id(channel)]
-        acks.state[tag] = _TO_ACK
-        future = asyncio.get_running_loop().create_future()
-        acks.waiters.append(future)
-        if self._flush_task is None:
-            self._flush_task = asyncio.get_running_loop().create_task(self._flush())
+    def ack(self, tag: int) -> asyncio.Future[None]:
+        """Resolves once the ack frame is handed to the socket; fails with TransportError if
+        the channel is gone (the broker then redelivers)."""
+        self.state[tag] = _TO_ACK
+        loop = self.channel.connection.loop
+        future = loop.create_future()
+        self.waiters.append(future)
+        if not self.scheduled:
+            self.scheduled = True
+            loop.call_soon(self._flush)
         return future
 
-    def settled(self, channel: aiormq.abc.AbstractChannel, tag: int) -> None:
-        """``tag`` was nacked or rejected on its own."""
-        acks = self._channels.get(id(channel))
-        if acks is not None and tag in acks.state:
-            acks.state[tag] = _SENT
+    def settled(self, tag: int) -> None:
+        if tag in self.state:
+            self.state[tag] = _SENT
 
-    async def _flush(self) -> None:
-        await asyncio.sleep(0)  # let every handler finishing in this turn add its ack
-        self._flush_task = None
-        for acks in list(self._channels.values()):
-            if acks.waiters:
-                await self._flush_channel(acks)
-
-    @staticmethod
-    async def _flush_channel(acks: _ChannelAcks) -> None:
-        async with acks.lock:
-            if acks.waiters:
-                await _AckBatcher._send(acks)
-
-    @staticmethod
-    async def _send(acks: _ChannelAcks) -> None:
-        waiters, acks.waiters = acks.waiters, []
-        order, state = acks.order, acks.state
+    def _flush(self) -> None:
+        self.scheduled = False
+        waiters, self.waiters = self.waiters, []
+        order, state = self.order, self.state
         last = 0
         while order and state[order[0]] != _PENDING:  # the settled prefix
             tag = order.popleft()
             if state.pop(tag) == _TO_ACK:
                 last = tag
-        singles = [tag for tag, st in state.items() if st == _TO_ACK]  # settled after a gap
-        for tag in singles:
-            state[tag] = _SENT
-        error: BaseException | None = None
+        out = [encode_ack(self.channel.number, last, multiple=True)] if last else []
+        for tag, st in state.items():  # settled after a gap
+            if st == _TO_ACK:
+                state[tag] = _SENT
+                out.append(encode_ack(self.channel.number, tag))
+        error: TransportError | None = None
         try:
-            if last:
-                await acks.channel.basic_ack(last, multiple=True)
-            for tag in singles:
-                await acks.channel.basic_ack(tag)
-        except (*CONNECTION_EXCEPTIONS, RuntimeError) as exc:
-            error = TransportError(f"ack failed (the broker will redeliver): {exc!r}")
+            if out:
+                self.channel.send(b"".join(out))
+        except TransportError as exc:
+            error = TransportError(f"ack failed (the broker will redeliver): {exc}")
         for future in waiters:
             if future.done():
                 continue
@@ -194,13 +162,13 @@ class _AckBatcher:
 
 
 class _RabbitDelivery:
-    """A delivery straight from aiormq: properties are read from the frame only when asked."""
+    """A delivery: the broker's message plus how to settle it."""
 
     __slots__ = ("_acks", "_msg", "_props")
 
-    def __init__(self, msg: aiormq.abc.DeliveredMessage, acks: _AckBatcher | None = None) -> None:
+    def __init__(self, msg: Message, acks: _Acks | None = None) -> None:
         self._msg = msg
-        self._props = msg.header.properties
+        self._props = msg.properties
         self._acks = acks  # None: ack on its own (basic.get, where several stay unacked on purpose)
 
     @property
@@ -213,11 +181,11 @@ class _RabbitDelivery:
 
     @property
     def routing_key(self) -> str:
-        return self._msg.routing_key or ""
+        return self._msg.routing_key
 
     @property
     def exchange(self) -> str:
-        return self._msg.exchange or ""
+        return self._msg.exchange
 
     @property
     def message_id(self) -> str | None:
@@ -225,7 +193,7 @@ class _RabbitDelivery:
 
     @property
     def redelivered(self) -> bool:
-        return bool(self._msg.redelivered)
+        return self._msg.redelivered
 
     @property
     def correlation_id(self) -> str | None:
@@ -233,80 +201,187 @@ class _RabbitDelivery:
 
     @property
     def type(self) -> str | None:
-        return self._props.message_type
+        return self._props.type
 
     async def ack(self) -> None:
         msg = self._msg
         if self._acks is not None:
-            await self._acks.ack(msg.channel, msg.delivery_tag or 0)
+            await self._acks.ack(msg.delivery_tag)
             return
         try:
-            await msg.channel.basic_ack(msg.delivery_tag or 0)
-        except (*CONNECTION_EXCEPTIONS, RuntimeError) as exc:
-            raise TransportError(f"ack failed (the broker will redeliver): {exc!r}") from exc
+            msg.channel.send(encode_ack(msg.channel.number, msg.delivery_tag))
+        except TransportError as exc:
+            raise TransportError(f"ack failed (the broker will redeliver): {exc}") from exc
 
     async def nack(self, *, requeue: bool) -> None:
         msg = self._msg
         if self._acks is not None:
-            self._acks.settled(msg.channel, msg.delivery_tag or 0)
+            self._acks.settled(msg.delivery_tag)
         try:
-            await msg.channel.basic_nack(msg.delivery_tag or 0, requeue=requeue)
-        except (*CONNECTION_EXCEPTIONS, RuntimeError) as exc:
-            raise TransportError(f"nack failed (the broker will redeliver): {exc!r}") from exc
+            msg.channel.send(encode_nack(msg.channel.number, msg.delivery_tag, requeue=requeue))
+        except TransportError as exc:
+            raise TransportError(f"nack failed (the broker will redeliver): {exc}") from exc
 
 
 _NO_HEADERS: Mapping[str, object] = MappingProxyType({})
 _RESTORE_BACKOFF_S = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
 
 
-class _RabbitSubscription:
-    """A consumer registered directly on the aiormq channel under a robust aio-pika channel.
+class _Link:
+    """The transport's connection, kept up across losses.
 
-    aio-pika re-opens the channel (and re-applies its prefetch) after a lost connection or a
-    channel error; the consumer itself is ours to restore: after every re-open, and after a
-    broker-side ``basic.cancel`` (the queue was deleted, or its node went away), it is
-    consumed again under the same tag once the queue exists, with backoff. Deliveries go to
-    the handler in aiormq's own task per delivery, with no wrapper objects in between.
+    Connecting tries the URLs in order. After a lost connection, reconnects go round the URLs
+    starting with the next one, with backoff, until :meth:`close`. :meth:`up` waits (bounded)
+    for a live connection; :meth:`wait_up` waits without a bound.
     """
 
-    def __init__(
-        self,
-        channel: aio_pika.abc.AbstractRobustChannel,
-        queue: str,
-        handler: DeliveryHandler,
-        transport: RabbitMQTransport,
-    ) -> None:
-        self._channel = channel
+    def __init__(self, urls: Sequence[str], name: str, timeout: float) -> None:
+        self.urls = tuple(urls)
+        self.endpoints = [Endpoint.from_url(url) for url in urls]
+        self.name = name
+        self.timeout = timeout
+        self.conn: Connection | None = None
+        self.at = 0
+        self._up = asyncio.Event()
+        self._closing = False
+        self._reconnect_task: asyncio.Task[None] | None = None
+
+    async def connect(self) -> None:
+        failures: list[str] = []
+        for at, endpoint in enumerate(self.endpoints):
+            try:
+                conn = await Connection.open(endpoint, name=self.name, within=self.timeout)
+            except TransportError as exc:
+                failures.append(f"{_redact(self.urls[at])}: {exc}")
+                continue
+            self._attach(conn, at)
+            return
+        where = failures[0] if len(failures) == 1 else "any of " + "; ".join(failures)
+        raise TransportError(f"cannot connect to RabbitMQ at {where}")
+
+    def _attach(self, conn: Connection, at: int) -> None:
+        conn.rpc_timeout = self.timeout
+        self.conn, self.at = conn, at
+        conn.on_lost = self._on_lost
+        self._up.set()
+
+    def _on_lost(self, exc: TransportError) -> None:
+        self._up.clear()
+        if self._closing or (self._reconnect_task is not None and not self._reconnect_task.done()):
+            return
+        log.warning("connection to RabbitMQ lost; reconnecting", url=_redact(self.urls[self.at]), reason=str(exc))
+        self._reconnect_task = asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        attempt = 0
+        while not self._closing:
+            at = (self.at + 1) % len(self.endpoints)
+            self.at = at  # a failed attempt moves on too: the next one tries the next node
+            try:
+                conn = await Connection.open(self.endpoints[at], name=self.name, within=self.timeout)
+            except TransportError:
+                await asyncio.sleep(_RESTORE_BACKOFF_S[min(attempt, len(_RESTORE_BACKOFF_S) - 1)])
+                attempt += 1
+                continue
+            if self._closing:
+                await conn.close()
+                return
+            self._attach(conn, at)
+            log.info("reconnected to RabbitMQ", url=_redact(self.urls[at]), failed_attempts=attempt)
+            return
+
+    @property
+    def connected(self) -> bool:
+        return self.conn is not None and self.conn.is_open
+
+    async def up(self, within: float | None = None) -> Connection:
+        """The live connection, waiting up to ``within`` seconds (default: the transport's) for a
+        reconnect; raises TransportError when there is none by then."""
+        conn = self.conn
+        if conn is not None and conn.is_open:
+            return conn
+        if self._closing or self.conn is None:
+            raise TransportError("not connected: use `async with transport` or await connect()")
+        try:
+            async with asyncio.timeout(self.timeout if within is None else within):
+                return await self.wait_up()
+        except TimeoutError:
+            raise TransportError("no connection to RabbitMQ (reconnecting)") from None
+
+    async def wait_up(self) -> Connection:
+        while True:
+            await self._up.wait()
+            conn = self.conn
+            if conn is not None and conn.is_open:
+                return conn
+            if self._closing:
+                raise TransportError("the transport is closed")
+            self._up.clear()
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._reconnect_task is not None:
+            self._reconnect_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reconnect_task
+        if self.conn is not None:
+            await self.conn.close()
+        self._up.set()  # wake waiters: they see the link closed
+
+
+class _RabbitSubscription:
+    """A consumer on a channel of its own, restored by itself.
+
+    After a lost connection, a channel error, or a broker-side ``basic.cancel`` (the queue was
+    deleted, or its node went away), it is consumed again under the same tag once the
+    connection is back and the queue exists, with backoff. Each delivery runs the handler in
+    a task of its own; the deliveries of one socket read start in the same loop turn.
+    """
+
+    def __init__(self, transport: RabbitMQTransport, queue: str, handler: DeliveryHandler, prefetch: int) -> None:
+        self._transport = transport
         self._queue = queue
         self._handler = handler
-        self._transport = transport
+        self._prefetch = prefetch
         self._tag = f"choreo.{queue}.{uuid.uuid4().hex[:12]}"
-        self._acks = _AckBatcher()
+        self._channel: Channel | None = None
+        self._acks: _Acks | None = None
         self._cancelled = False
         self._restore_task: asyncio.Task[None] | None = None
-        channel.reopen_callbacks.add(self._on_reopen)
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def queue(self) -> str:
         return self._queue
 
-    async def _on_message(self, msg: aiormq.abc.DeliveredMessage) -> None:
-        self._acks.delivered(msg.channel, msg.delivery_tag or 0)
-        await self._handler(_RabbitDelivery(msg, self._acks))
+    def _on_message(self, msg: Message) -> None:
+        acks = self._acks
+        assert acks is not None
+        acks.delivered(msg.delivery_tag)
+        task = asyncio.get_running_loop().create_task(self._handler(_RabbitDelivery(msg, acks)))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def consume(self) -> None:
-        """Register the consumer on the channel open now (a no-op if it is registered)."""
-        underlay = cast(aiormq.Channel, await self._channel.get_underlay_channel())
-        if self._cancelled or self._tag in underlay.consumers:
+        """Open a channel (unless the current one is usable), set its prefetch and consume."""
+        if self._cancelled:
             return
-        underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
-        await underlay.basic_consume(self._queue, self._on_message, consumer_tag=self._tag, timeout=10.0)
+        channel = self._channel
+        if channel is None or not channel.is_open:
+            conn = await self._transport._link.up()
+            channel = await conn.channel()
+            channel.on_close.append(self._on_channel_closed)
+            channel.on_cancel = self._on_broker_cancel
+            await channel.qos(self._prefetch)
+            self._channel, self._acks = channel, _Acks(channel)
+        if self._tag not in channel.consumers:
+            await channel.consume(self._queue, self._tag, self._on_message)
 
-    def _on_reopen(self, *_: object) -> None:
+    def _on_channel_closed(self, exc: TransportError) -> None:
         self._schedule_restore()
 
-    def _on_broker_cancel(self, frame: object) -> None:
-        if getattr(frame, "consumer_tag", None) == self._tag and not self._cancelled:
+    def _on_broker_cancel(self, tag: str) -> None:
+        if tag == self._tag:
             self._schedule_restore()
 
     def _schedule_restore(self) -> None:
@@ -318,71 +393,101 @@ class _RabbitSubscription:
         attempt = 0
         while not self._cancelled:
             try:
+                await self._transport._link.wait_up()
                 # Consuming a missing queue is a channel error: look for it on a throwaway channel.
                 if await self._transport.queue_exists(self._queue):
                     await self.consume()
-                    return
-            except (TimeoutError, *CONNECTION_EXCEPTIONS, RuntimeError, TransportError):
-                pass  # the connection is still down, or the channel is being re-opened: try again
+                    # A cancel or a channel close arriving while this task was still running
+                    # did not start another restore: check that the consumer is really there.
+                    if await self.is_attached():
+                        log.info("consumer restored", queue=self._queue, failed_attempts=attempt)
+                        return
+            except TransportError as exc:
+                # The connection went again, the channel closed meanwhile, or the broker is slow
+                # to answer (a queue electing a new leader): try again.
+                if attempt == 0:
+                    log.warning("consumer not restored yet; retrying", queue=self._queue, reason=str(exc))
             await asyncio.sleep(_RESTORE_BACKOFF_S[min(attempt, len(_RESTORE_BACKOFF_S) - 1)])
             attempt += 1
 
     async def is_attached(self) -> bool:
-        """Our consumer tag is registered on the channel open right now; after a reconnect or a
+        """Our consumer is registered on the channel open right now; after a reconnect or a
         broker-side cancel this turns true again only once the consumer is restored."""
-        if self._cancelled or self._channel.is_closed:
-            return False
-        try:
-            underlay = cast(aiormq.Channel, await self._channel.get_underlay_channel())
-        except (aio_pika.exceptions.ChannelInvalidStateError, RuntimeError):
-            return False
-        return not underlay.is_closed and self._tag in underlay.consumers
+        channel = self._channel
+        return not self._cancelled and channel is not None and channel.is_open and self._tag in channel.consumers
 
     async def cancel(self) -> None:
         if self._cancelled:
             return
         self._cancelled = True
-        self._channel.reopen_callbacks.discard(self._on_reopen)
         if self._restore_task is not None:
             self._restore_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._restore_task
-        if self._channel.is_closed or not self._transport.connected:
-            return  # the broker already stopped delivering; waiting for a reconnect could hang
-        try:
-            underlay = cast(aiormq.Channel, await asyncio.wait_for(self._channel.get_underlay_channel(), 5.0))
-            if self._tag in underlay.consumers:
-                await asyncio.wait_for(underlay.basic_cancel(self._tag), 5.0)
-        except (TimeoutError, *CONNECTION_EXCEPTIONS, RuntimeError, KeyError):
-            pass  # the channel went away meanwhile: nothing more will be delivered on it
+        channel = self._channel
+        if channel is None or not channel.is_open or self._tag not in channel.consumers:
+            return  # the broker already stopped delivering
+        with contextlib.suppress(TimeoutError, TransportError):
+            async with asyncio.timeout(5.0):
+                await channel.cancel(self._tag)
 
     async def close(self) -> None:
         await self.cancel()
-        if not self._channel.is_closed:
-            with contextlib.suppress(TimeoutError, *CONNECTION_EXCEPTIONS, RuntimeError):
-                await asyncio.wait_for(self._channel.close(), 5.0)
+        if self._channel is not None and self._channel.is_open:
+            with contextlib.suppress(TimeoutError, TransportError):
+                async with asyncio.timeout(5.0):
+                    await self._channel.close()
 
 
-class _FailoverConnection(aio_pika.RobustConnection):
-    """A robust connection that moves on to the next URL whenever a connection closes.
+_MISSING_EXCHANGE = re.compile(r"no exchange '(?P<name>[^']*)'")
 
-    aio-pika reports both a lost connection and a failed connection attempt through
-    ``_on_connection_close`` (the underlay connect calls it before raising), and every attempt,
-    first or re-, connects to ``self.url``. Advancing ``self.url`` there, before the robust
-    connection schedules its next attempt, makes reconnects go round the URLs; channels and
-    consumers are restored on whichever node answers. With one URL nothing changes.
-    """
 
-    def __init__(self, urls: Sequence[URL], **kwargs: Any) -> None:
-        super().__init__(urls[0], **kwargs)
-        self.urls = tuple(urls)
-        self._at = 0
+class _Confirms:
+    """Publishing with publisher confirms on one channel, re-opened on demand."""
 
-    async def _on_connection_close(self, closing: asyncio.Future[Any]) -> None:
-        if not self.close_called and len(self.urls) > 1:
-            self._at = (self._at + 1) % len(self.urls)
-            self.url = self.urls[self._at]
-        await super()._on_connection_close(closing)
+    def __init__(self, link: _Link, timeout: float) -> None:
+        self._link = link
+        self._timeout = timeout
+        self._channel: Channel | None = None
+        self._opening = asyncio.Lock()
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    async def channel(self, within: float) -> Channel:
+        async with self._opening:  # one opener; concurrent publishers then find its channel
+            channel = self._channel
+            if channel is not None and channel.is_open:
+                return channel
+            conn = await self._link.up(within)
+            channel = await conn.channel()
+            await channel.confirm_select()
+            self._channel = channel
+            return channel
+
+    def watch(self, channel: Channel) -> None:
+        """Unconfirmed publishes older than the timeout fail (a stalled broker, a blocked
+        connection): one timer for all of them."""
+        if self._sweeper is None:
+            loop = asyncio.get_running_loop()
+            self._sweeper = loop.call_later(self._timeout, self._sweep, channel, channel.unconfirmed_mark())
+
+    def channel_now(self) -> Channel | None:
+        channel = self._channel
+        return channel if channel is not None and channel.is_open else None
+
+    def _sweep(self, channel: Channel, mark: int) -> None:
+        self._sweeper = None
+        if channel.is_open:
+            channel.expire_unconfirmed(mark, TimeoutError(f"no publisher confirm within {self._timeout}s"))
+            if channel.unconfirmed:
+                self.watch(channel)
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
 
 
 class RabbitMQTransport(Transport):
@@ -393,140 +498,173 @@ class RabbitMQTransport(Transport):
         self.urls = amqp_urls(url)
         self.connection_name = connection_name
         self.timeout = timeout
-        self._conn: _FailoverConnection | None = None
-        self._pub: aio_pika.abc.AbstractRobustChannel | None = None
-        self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
+        self._link = _Link(self.urls, connection_name, timeout)
+        self._confirms = _Confirms(self._link, timeout)
+        self._returns = asyncio.Lock()  # mandatory publishes go one at a time (see _publish_mandatory)
+        self._mandatory: _Confirms | None = None
         self._subs: list[_RabbitSubscription] = []
-        self._get_channel: aio_pika.abc.AbstractChannel | None = None
+        self._get_channel: Channel | None = None
+        self._connected_once = False
 
     @property
     def connected(self) -> bool:
-        return self._conn is not None and not self._conn.is_closed and self._conn.connected.is_set()
-
-    @property
-    def connection(self) -> aio_pika.abc.AbstractRobustConnection:
-        if self._conn is None:
-            raise TransportError("not connected: use `async with transport` or await connect()")
-        return self._conn
+        return self._connected_once and self._link.connected
 
     @property
     def connected_url(self) -> str | None:
         """The URL (password masked) of the node the connection uses, or tries next while
         reconnecting."""
-        return None if self._conn is None else _redact(str(self._conn.url))
+        return _redact(self.urls[self._link.at]) if self._connected_once else None
+
+    @property
+    def server_version(self) -> str:
+        conn = self._link.conn
+        return str(conn.server_properties.get("version", "?")) if conn is not None else "?"
 
     async def connect(self) -> None:
         """Connect to the first URL that answers, in order; reconnects later rotate from there."""
-        urls = [make_url(url) for url in self.urls]
-        failures: list[str] = []
-        for start in range(len(urls)):
-            conn = _FailoverConnection(
-                urls[start:] + urls[:start], client_properties={"connection_name": self.connection_name}
-            )
-            try:
-                await conn.connect(timeout=self.timeout)
-            except (TimeoutError, *CONNECTION_EXCEPTIONS, OSError) as exc:
-                failures.append(f"{_redact(self.urls[start])}: {exc!r}")
-                with contextlib.suppress(TimeoutError, *CONNECTION_EXCEPTIONS, RuntimeError):
-                    await asyncio.wait_for(conn.close(), 10.0)
-                continue
-            self._conn = conn
-            break
-        else:
-            where = failures[0] if len(failures) == 1 else "any of " + "; ".join(failures)
-            raise TransportError(f"cannot connect to RabbitMQ at {where}")
-        self._pub = await self._conn.channel(publisher_confirms=True, on_return_raises=True)
+        await self._link.connect()
+        self._connected_once = True
 
     async def close(self) -> None:
         for sub in self._subs:
             await sub.close()
         self._subs.clear()
-        if self._conn is not None:
-            with contextlib.suppress(TimeoutError, *CONNECTION_EXCEPTIONS, RuntimeError):
-                await asyncio.wait_for(self._conn.close(), 10.0)
-        self._conn = None
-        self._pub = None
+        if self._connected_once:
+            with contextlib.suppress(TimeoutError, TransportError):
+                await self._confirms.close()
+                if self._mandatory is not None:
+                    await self._mandatory.close()
+            await self._link.close()
+        self._connected_once = False
         self._get_channel = None
-        self._exchanges.clear()
+        self._link = _Link(self.urls, self.connection_name, self.timeout)
+        self._confirms = _Confirms(self._link, self.timeout)
+        self._mandatory = None
 
     @contextlib.asynccontextmanager
-    async def _temp_channel(self) -> AsyncIterator[aio_pika.abc.AbstractChannel]:
+    async def _temp_channel(self) -> AsyncIterator[Channel]:
         """A channel for one operation: a channel error (404, 406) closes it, not a shared one."""
-        channel = await self.connection.channel()
+        conn = await self._link.up()
+        channel = await conn.channel()
         try:
             yield channel
         finally:
-            if not channel.is_closed:
-                with contextlib.suppress(*CONNECTION_EXCEPTIONS, RuntimeError):
+            with contextlib.suppress(TimeoutError, TransportError):
+                async with asyncio.timeout(self.timeout):
                     await channel.close()
 
     async def declare(self, topology: Topology) -> None:
         async with self._temp_channel() as channel:
             try:
-                exchange = await channel.declare_exchange(topology.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
-            except aiormq.exceptions.ChannelPreconditionFailed as exc:
-                raise _topology_error(exc, topology.exchange) from exc
+                await channel.rpc(
+                    Exchange.Declare(exchange=topology.exchange, exchange_type="topic", durable=True),
+                    Exchange.DeclareOk,
+                )
+            except ChannelClosedError as exc:
+                if exc.reply_code == 406:
+                    raise _topology_error(exc, topology.exchange) from exc
+                raise
             for spec in topology.queues:
                 try:
-                    queue = await channel.declare_queue(spec.name, durable=True, arguments=dict(spec.arguments))
-                except aiormq.exceptions.ChannelPreconditionFailed as exc:
-                    raise _topology_error(exc, spec.name) from exc
+                    await channel.rpc(
+                        Queue.Declare(queue=spec.name, durable=True, arguments=dict(spec.arguments)), Queue.DeclareOk
+                    )
+                except ChannelClosedError as exc:
+                    if exc.reply_code == 406:
+                        raise _topology_error(exc, spec.name) from exc
+                    raise
                 for key in spec.bindings:
-                    await queue.bind(exchange, key)
-
-    async def _exchange(self, name: str) -> aio_pika.abc.AbstractExchange:
-        assert self._pub is not None
-        if name == "":
-            return self._pub.default_exchange
-        exchange = self._exchanges.get(name)
-        if exchange is None:
-            exchange = await self._pub.get_exchange(name, ensure=False)
-            self._exchanges[name] = exchange
-        return exchange
+                    await channel.rpc(
+                        Queue.Bind(queue=spec.name, exchange=topology.exchange, routing_key=key), Queue.BindOk
+                    )
 
     async def publish(self, message: OutgoingMessage) -> None:
-        if self._pub is None:
-            raise PublishNotConfirmed("not connected")
-        properties = amqp_spec.Basic.Properties(
-            content_type="application/json",
-            delivery_mode=2,  # persistent
-            headers=cast(Any, message.headers) or None,
-            message_id=message.message_id,
-            correlation_id=message.correlation_id,
-            message_type=message.type,
-            timestamp=datetime.now(UTC),
-            expiration=str(message.expiration_ms) if message.expiration_ms is not None else None,
+        properties = encode_properties(
+            Properties(
+                content_type="application/json",
+                delivery_mode=2,  # persistent
+                headers=message.headers or None,
+                message_id=message.message_id,
+                correlation_id=message.correlation_id,
+                type=message.type,
+                timestamp=int(time.time()),
+                expiration=str(message.expiration_ms) if message.expiration_ms is not None else None,
+            )
         )
-        # A connection or channel loss is ridden out: wait (bounded) for the robust channel to
-        # come back and publish again. Re-publishing is safe: ids are stable, dedup absorbs copies.
+        if message.mandatory:
+            await self._publish_mandatory(message, properties)
+            return
+        # A connection or channel loss is ridden out: wait (bounded) for the connection to come
+        # back and publish again. Re-publishing is safe: ids are stable, dedup absorbs copies.
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
+        confirms = self._confirms
         while True:
             try:
-                channel = await self._pub.get_underlay_channel()
-                await channel.basic_publish(
-                    message.body,
-                    exchange=message.exchange,
-                    routing_key=message.routing_key,
-                    properties=properties,
-                    mandatory=message.mandatory,
-                    timeout=self.timeout,
+                channel = confirms.channel_now()
+                if channel is None:
+                    channel = await confirms.channel(max(deadline - loop.time(), 0.0))
+                conn = channel.connection
+                if not conn.writable_now:
+                    await conn.writable()
+                confirmed = channel.publish(
+                    encode_publish(
+                        channel.number,
+                        message.exchange,
+                        message.routing_key,
+                        message.body,
+                        properties,
+                        frame_max=conn.frame_max,
+                    )
                 )
+                confirms.watch(channel)
+                await confirmed
                 return
-            except aio_pika.exceptions.DeliveryError as exc:
-                raise PublishNotConfirmed(f"broker refused {message.routing_key!r}: {exc!r}") from exc
-            except aio_pika.exceptions.PublishError as exc:
+            except PublishNackedError as exc:
+                raise PublishNotConfirmed(f"broker refused {message.routing_key!r}: {exc}") from exc
+            except ChannelClosedError as exc:
+                missing = _MISSING_EXCHANGE.search(exc.reply_text) if exc.reply_code == 404 else None
+                if missing is not None and missing["name"] == message.exchange:
+                    raise PublishNotConfirmed(f"broker refused {message.routing_key!r}: {exc}") from exc
+                if loop.time() >= deadline:
+                    raise PublishNotConfirmed(f"publish of {message.routing_key!r} not confirmed: {exc}") from exc
+            except (TimeoutError, TransportError) as exc:
+                if loop.time() >= deadline:
+                    raise PublishNotConfirmed(f"publish of {message.routing_key!r} not confirmed: {exc!r}") from exc
+                await asyncio.sleep(0.05)  # a channel that failed to open: not in a tight loop
+
+    async def _publish_mandatory(self, message: OutgoingMessage, properties: bytes) -> None:
+        """A mandatory publish, alone on its channel: the broker sends a return before the
+        confirm of an unroutable message, and with one publish in flight a return on the
+        channel can only be this one's."""
+        async with self._returns:
+            if self._mandatory is None:
+                self._mandatory = _Confirms(self._link, self.timeout)
+            try:
+                channel = await self._mandatory.channel(self.timeout)
+                channel.returned.clear()
+                confirmed = channel.publish(
+                    encode_publish(
+                        channel.number,
+                        message.exchange,
+                        message.routing_key,
+                        message.body,
+                        properties,
+                        mandatory=True,
+                        frame_max=channel.connection.frame_max,
+                    )
+                )
+                async with asyncio.timeout(self.timeout):
+                    await confirmed
+            except PublishNackedError as exc:
+                raise PublishNotConfirmed(f"broker refused {message.routing_key!r}: {exc}") from exc
+            except (TimeoutError, TransportError) as exc:
+                raise PublishNotConfirmed(f"publish of {message.routing_key!r} not confirmed: {exc!r}") from exc
+            if channel.returned:
                 raise PublishNotConfirmed(
                     f"unroutable: exchange {message.exchange!r}, routing key {message.routing_key!r}"
-                ) from exc
-            except (TimeoutError, *CONNECTION_EXCEPTIONS, RuntimeError) as exc:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    raise PublishNotConfirmed(f"publish of {message.routing_key!r} not confirmed: {exc!r}") from exc
-                try:
-                    await asyncio.wait_for(self._pub.ready(), remaining)
-                except (TimeoutError, *CONNECTION_EXCEPTIONS, RuntimeError):
-                    raise PublishNotConfirmed(f"publish of {message.routing_key!r} not confirmed: {exc!r}") from exc
+                )
 
     async def publish_many(self, messages: Sequence[OutgoingMessage]) -> None:
         if len(messages) == 1:
@@ -540,26 +678,27 @@ class RabbitMQTransport(Transport):
     async def subscribe(self, queue: str, handler: DeliveryHandler, *, prefetch: int) -> Subscription:
         if not await self.queue_exists(queue):
             raise TransportError(f"queue {queue!r} does not exist: declare the topology first")
-        channel = await self.connection.channel()
-        await channel.set_qos(prefetch_count=prefetch)
-        sub = _RabbitSubscription(channel, queue, handler, self)
+        sub = _RabbitSubscription(self, queue, handler, prefetch)
         try:
             await sub.consume()
-        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+        except ChannelClosedError as exc:
             await sub.close()
-            raise TransportError(f"queue {queue!r} does not exist: declare the topology first") from exc
+            if exc.reply_code == 404:
+                raise TransportError(f"queue {queue!r} does not exist: declare the topology first") from exc
+            raise
         self._subs.append(sub)
         return sub
 
-    async def _passive_declare(self, queue: str) -> aiormq.spec.Queue.DeclareOk | None:
+    async def _passive_declare(self, queue: str) -> Any | None:
         """The broker's declare-ok for ``queue`` (depth, consumers), or None if it does not
         exist; on a throwaway channel, since a missing queue closes the channel it is asked on."""
         async with self._temp_channel() as channel:
             try:
-                declared = await channel.declare_queue(queue, passive=True)
-            except aiormq.exceptions.ChannelNotFoundEntity:
-                return None
-            return declared.declaration_result
+                return await channel.rpc(Queue.Declare(queue=queue, passive=True), Queue.DeclareOk)
+            except ChannelClosedError as exc:
+                if exc.reply_code == 404:
+                    return None
+                raise
 
     async def queue_exists(self, queue: str) -> bool:
         return await self._passive_declare(queue) is not None
@@ -574,8 +713,12 @@ class RabbitMQTransport(Transport):
         drift: dict[str, tuple[object, object]] = {}
         async with self._temp_channel() as channel:
             try:
-                await channel.declare_queue(spec.name, durable=True, arguments=dict(spec.arguments))
-            except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                await channel.rpc(
+                    Queue.Declare(queue=spec.name, durable=True, arguments=dict(spec.arguments)), Queue.DeclareOk
+                )
+            except ChannelClosedError as exc:
+                if exc.reply_code != 406:
+                    raise
                 drift = dict(_topology_error(exc, spec.name).differences)
         return QueueState(spec.name, True, result.message_count or 0, result.consumer_count or 0, drift)
 
@@ -583,33 +726,34 @@ class RabbitMQTransport(Transport):
         result = await self._passive_declare(queue)
         if result is None:
             raise TransportError(f"queue {queue!r} does not exist")
-        return result.message_count or 0
+        return int(result.message_count or 0)
 
     async def get(self, queue: str) -> Delivery | None:
         """basic.get on a channel of its own: a missing queue closes that channel (and is
         reopened next time), never the publishing channel the agents share."""
-        if self._get_channel is None or self._get_channel.is_closed:
-            self._get_channel = await self.connection.channel()
         try:
-            underlay = await self._get_channel.get_underlay_channel()
-            msg = await underlay.basic_get(queue, no_ack=False, timeout=self.timeout)
-        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            if self._get_channel is None or not self._get_channel.is_open:
+                conn = await self._link.up()
+                self._get_channel = await conn.channel()
+            async with asyncio.timeout(self.timeout):
+                msg = await self._get_channel.get(queue)
+        except ChannelClosedError as exc:
             self._get_channel = None
-            raise TransportError(f"NOT_FOUND - no queue {queue!r}") from exc
-        except (TimeoutError, *CONNECTION_EXCEPTIONS, RuntimeError) as exc:
+            if exc.reply_code == 404:
+                raise TransportError(f"NOT_FOUND - no queue {queue!r}") from exc
+            raise TransportError(f"basic.get on {queue!r} failed: {exc}") from exc
+        except (TimeoutError, TransportError) as exc:
             self._get_channel = None
             raise TransportError(f"basic.get on {queue!r} failed: {exc!r}") from exc
-        if msg.delivery_tag is None:  # basic.get-empty
-            return None
-        return _RabbitDelivery(msg)
+        return None if msg is None else _RabbitDelivery(msg)
 
     async def delete_queue(self, queue: str) -> None:
         async with self._temp_channel() as channel:
-            await channel.queue_delete(queue)
+            await channel.rpc(Queue.Delete(queue=queue), Queue.DeleteOk)
 
     async def delete_exchange(self, exchange: str) -> None:
         async with self._temp_channel() as channel:
-            await channel.exchange_delete(exchange)
+            await channel.rpc(Exchange.Delete(exchange=exchange), Exchange.DeleteOk)
 
 
 def _redact(url: str) -> str:

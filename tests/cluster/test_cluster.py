@@ -152,7 +152,10 @@ async def test_stopping_a_node_mid_saga_ends_every_order_exactly_once(
     run = SagaRun(transport, settings, plans, in_process=False)
     try:
         async with run:
-            publishing = asyncio.create_task(run.publish_all(duplicate_every=50, inject_bad=False))
+            # Paced, so that the run is still going once the node is down (stopping it takes seconds).
+            publishing = asyncio.create_task(
+                run.publish_all(duplicate_every=50, inject_bad=False, window=20, rate=ORDERS / 10)
+            )
             await wait_for(lambda: run.ended >= ORDERS // 4, within=120, what="a quarter of the orders to end")
             ended_at_stop = run.ended
             stopped_at = time.monotonic()

@@ -1,5 +1,4 @@
-"""The RabbitMQ subscription restores its own consumer (it sits on the aiormq channel, under
-aio-pika's robust channel, so aio-pika does not do it): after a channel error, a dropped
+"""The RabbitMQ subscription restores its own consumer: after a channel error, a dropped
 connection, and a broker-side cancel when its queue is deleted and declared again."""
 
 from __future__ import annotations
@@ -9,14 +8,13 @@ import secrets
 import shutil
 from asyncio.subprocess import PIPE
 from collections.abc import Awaitable, Callable
-from typing import cast
 
-import aiormq
 import pytest
 
 from choreo.testing import wait_for
 from choreo.topology import Naming, QueueSpec, Topology
 from choreo.transport import Delivery, OutgoingMessage
+from choreo.transport.amqp.frames import encode_ack
 from choreo.transport.rabbitmq import RabbitMQTransport
 
 from ..conftest import RabbitPool
@@ -53,12 +51,11 @@ async def _still_consumes(transport: RabbitMQTransport, naming: Naming, bodies: 
 async def test_consumer_comes_back_after_a_channel_error(rabbit_factory: Factory, naming: Naming) -> None:
     transport, _, bodies, sub = await _setup(rabbit_factory, naming, "chan")
     channel = sub._channel  # type: ignore[attr-defined]
-    underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
     # Acking a tag the broker never delivered is a channel error: the broker closes the channel.
-    await underlay.basic_ack(999_999)
-    await wait_for(lambda: underlay.is_closed, what="the broker to close the channel")
+    channel.send(encode_ack(channel.number, 999_999))
+    await wait_for(lambda: not channel.is_open, what="the broker to close the channel")
     await _still_consumes(transport, naming, bodies, sub)
-    assert await channel.get_underlay_channel() is not underlay
+    assert sub._channel is not channel  # type: ignore[attr-defined]
 
 
 async def test_consumer_comes_back_after_the_broker_closes_the_connection(amqp_url: str, naming: Naming) -> None:
@@ -77,8 +74,10 @@ async def test_consumer_comes_back_after_the_broker_closes_the_connection(amqp_u
 
     try:
         transport, _, bodies, sub = await _setup(named, naming, "conn")
+        first = transport._link.conn
         await _close_connection_named(ctl, name)
-        await wait_for(lambda: not transport.connected, what="the connection to be noticed as lost")
+        # Reconnecting starts at once, so the link may be up again before a poll sees it down.
+        await wait_for(lambda: transport._link.conn is not first, what="the connection to be replaced")
         await _still_consumes(transport, naming, bodies, sub)
     finally:
         await pool.aclose()

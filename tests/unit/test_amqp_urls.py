@@ -10,10 +10,11 @@ import asyncio
 import socket
 
 import pytest
-from yarl import URL
 
 from choreo.errors import ConfigError, TransportError
-from choreo.transport.rabbitmq import RabbitMQTransport, _FailoverConnection, amqp_urls
+from choreo.transport import rabbitmq
+from choreo.transport.amqp.connection import ConnectionClosedError, Endpoint
+from choreo.transport.rabbitmq import RabbitMQTransport, amqp_urls
 
 
 @pytest.mark.parametrize(
@@ -59,32 +60,57 @@ def test_the_transport_parses_at_construction() -> None:
         RabbitMQTransport("localhost:5672")
 
 
-async def _closed(exc: BaseException) -> asyncio.Future[None]:
-    closing: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    closing.set_exception(exc)
-    return closing
+class FakeConnection:
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.is_open = True
+        self.on_lost: object = None
+
+    async def close(self) -> None:
+        self.is_open = False
 
 
-async def test_each_lost_connection_or_failed_attempt_moves_to_the_next_url() -> None:
-    urls = [URL("amqp://h1:5681/"), URL("amqp://h2:5682/"), URL("amqp://h3:5683/")]
-    conn = _FailoverConnection(urls)
-    assert conn.url == urls[0]
-    seen = []
-    for _ in range(4):
-        await conn._on_connection_close(await _closed(ConnectionError("gone")))
-        seen.append(conn.url)
-    assert seen == [urls[1], urls[2], urls[0], urls[1]]
-    await conn.close()
-    await conn._on_connection_close(await _closed(ConnectionError("closing")))
-    assert conn.url == urls[1], "a connection closed on purpose does not move on"
+def scripted_open(monkeypatch: pytest.MonkeyPatch, failures: int) -> list[int]:
+    """Connection.open fails ``failures`` times, then succeeds; returns the ports tried."""
+    tried: list[int] = []
+
+    async def fake_open(endpoint: Endpoint, *, name: str, within: float) -> FakeConnection:
+        tried.append(endpoint.port)
+        if len(tried) <= failures:
+            raise ConnectionClosedError("refused")
+        return FakeConnection(endpoint.port)
+
+    monkeypatch.setattr(rabbitmq.Connection, "open", fake_open)
+    monkeypatch.setattr(rabbitmq, "_RESTORE_BACKOFF_S", (0.0,))
+    return tried
 
 
-async def test_one_url_never_changes() -> None:
-    url = URL("amqp://guest:guest@localhost:5672/")
-    conn = _FailoverConnection([url])
-    await conn._on_connection_close(await _closed(ConnectionError("gone")))
-    assert conn.url == url
-    await conn.close()
+async def test_each_lost_connection_or_failed_attempt_moves_to_the_next_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    link = rabbitmq._Link(["amqp://h1:5681/", "amqp://h2:5682/", "amqp://h3:5683/"], "t", 1.0)
+    tried = scripted_open(monkeypatch, failures=0)
+    await link.connect()
+    assert tried == [5681]
+    tried.clear()
+    scripted_open_after = scripted_open(monkeypatch, failures=3)
+    link._on_lost(ConnectionClosedError("gone"))
+    await asyncio.wait_for(link.wait_up(), 5)
+    assert scripted_open_after == [5682, 5683, 5681, 5682]
+    assert link.at == 1
+    await link.close()
+    link._on_lost(ConnectionClosedError("closing"))
+    assert link._reconnect_task is None or link._reconnect_task.done(), "a link closed on purpose stays closed"
+
+
+async def test_one_url_never_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    link = rabbitmq._Link(["amqp://guest:guest@localhost:5672/"], "t", 1.0)
+    tried = scripted_open(monkeypatch, failures=0)
+    await link.connect()
+    tried.clear()
+    tried = scripted_open(monkeypatch, failures=2)
+    link._on_lost(ConnectionClosedError("gone"))
+    await asyncio.wait_for(link.wait_up(), 5)
+    assert tried == [5672, 5672, 5672]
+    await link.close()
 
 
 def _closed_port() -> int:

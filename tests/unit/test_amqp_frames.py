@@ -1,0 +1,276 @@
+"""choreo's hand-written AMQP codecs against pamqp (the reference), and the connection's frame
+parser fed from a fake socket: deliveries split across reads at every byte, several in one read."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import decimal
+from typing import Any
+
+import pamqp.body
+import pamqp.commands as cmd
+import pamqp.frame
+import pamqp.header
+import pytest
+
+from choreo.transport.amqp import frames
+from choreo.transport.amqp.connection import (
+    Channel,
+    Connection,
+    ConnectionClosedError,
+    Endpoint,
+    Message,
+    ReplyTimeoutError,
+)
+
+NOW = datetime.datetime(2026, 11, 21, 12, 0, 0, tzinfo=datetime.UTC)
+
+HEADERS: dict[str, Any] = {
+    "x-choreo-signature": "v1=" + "ab" * 32,
+    "x-choreo-key-id": "k1",
+    "traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01",
+    "small": 5,
+    "negative": -40000,
+    "big": 2**40,
+    "flag": True,
+    "off": False,
+    "nothing": None,
+    "double": 0.1,
+    "nested": {"count": 3, "reason": "rejected", "time": NOW, "queues": ["a", "b"]},
+    "x-death": [{"count": 1, "exchange": "", "routing-keys": ["q"]}],
+    "price": decimal.Decimal("12.34"),
+    "ünïcode": "välue",
+}
+
+
+def pamqp_properties(**kwargs: Any) -> cmd.Basic.Properties:
+    return cmd.Basic.Properties(**kwargs)
+
+
+def header_frame(body_size: int, props: cmd.Basic.Properties, channel: int = 1) -> bytes:
+    return pamqp.frame.marshal(pamqp.header.ContentHeader(0, body_size, props), channel)
+
+
+def fields(props: frames.Properties) -> dict[str, Any]:
+    return {name: getattr(props, name) for name in frames.Properties.__slots__}
+
+
+def test_tables_decode_as_pamqp_decodes_them() -> None:
+    # pamqp writes floats as 32-bit: compare those separately.
+    table = {k: v for k, v in HEADERS.items() if k != "double"}
+    encoded = pamqp.encode.field_table(table)
+    decoded, end = frames.decode_table(encoded, 0)
+    assert end == len(encoded)
+    assert decoded == pamqp.decode.field_table(encoded)[1]
+    assert decoded["nested"]["time"] == NOW
+    assert decoded["price"] == decimal.Decimal("12.34")
+
+
+def test_tables_encode_byte_for_byte_as_pamqp_except_floats_which_stay_doubles() -> None:
+    table = {k: v for k, v in HEADERS.items() if k != "double"}
+    assert frames.encode_table(table) == pamqp.encode.field_table(table)
+    decoded, _ = frames.decode_table(frames.encode_table({"double": 0.1}), 0)
+    assert decoded == {"double": 0.1}  # exact: a 32-bit float would read back 0.10000000149...
+
+
+def test_a_long_string_that_is_not_utf8_decodes_to_bytes() -> None:
+    raw = b"\x00\x00\x00\x0a\x01kS\x00\x00\x00\x03\xff\xfe\x01"
+    assert frames.decode_table(raw, 0)[0] == {"k": b"\xff\xfe\x01"}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"\x00\x00\x00\x20\x01k",  # length runs past the buffer
+        b"\x00\x00\x00\x03\x01kQ",  # unknown field type
+        b"\x00\x00\x00\x09\x01kS\x00\x00\x00\x09ab",  # string runs past its table
+    ],
+)
+def test_malformed_tables_raise_frame_errors(raw: bytes) -> None:
+    with pytest.raises((frames.FrameError, IndexError)):
+        frames.decode_table(raw, 0)
+
+
+FULL = {
+    "content_type": "application/json",
+    "content_encoding": "identity",
+    "headers": {k: v for k, v in HEADERS.items() if k != "double"},
+    "delivery_mode": 2,
+    "priority": 3,
+    "correlation_id": "corr-1",
+    "reply_to": "replies",
+    "expiration": "60000",
+    "message_id": "0193-abc",
+    "timestamp": NOW,
+    "message_type": "order.placed",
+    "user_id": "guest",
+    "app_id": "shop",
+}
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        FULL,
+        {},
+        {"content_type": "application/json", "delivery_mode": 2, "message_id": "m"},
+        {"headers": {}, "timestamp": NOW},
+    ],
+    ids=["all", "none", "some", "empty-headers"],
+)
+def test_properties_decode_and_encode_as_pamqp(given: dict[str, Any]) -> None:
+    raw = header_frame(10, pamqp_properties(**given))
+    props = frames.decode_properties(raw, 7 + 12)
+    expected = dict.fromkeys(frames.Properties.__slots__)
+    for key, value in given.items():
+        name = {"message_type": "type"}.get(key, key)
+        expected[name] = int(value.timestamp()) if key == "timestamp" else value
+    assert fields(props) == expected
+    assert frames.encode_properties(props) == raw[7 + 12 : -1]
+
+
+def test_publish_frames_read_back_with_pamqp_and_split_the_body_at_frame_max() -> None:
+    props = frames.encode_properties(frames.Properties(content_type="application/json", delivery_mode=2))
+    body = bytes(range(256)) * 10
+    data = frames.encode_publish(5, "ex", "a.b", body, props, mandatory=True, frame_max=1000)
+    seen = []
+    while data:
+        used, channel, value = pamqp.frame.unmarshal(data)
+        assert channel == 5
+        seen.append(value)
+        data = data[used:]
+    publish, header, *chunks = seen
+    assert isinstance(publish, cmd.Basic.Publish)
+    assert (publish.exchange, publish.routing_key, publish.mandatory) == ("ex", "a.b", True)
+    assert isinstance(header, pamqp.header.ContentHeader)
+    assert header.body_size == len(body)
+    assert header.properties.content_type == "application/json"
+    assert all(isinstance(c, pamqp.body.ContentBody) for c in chunks)
+    assert [len(c.value) for c in chunks] == [992, 992, 576]
+    assert b"".join(c.value for c in chunks) == body
+
+
+def test_ack_and_nack_frames_read_back_with_pamqp() -> None:
+    _, channel, ack = pamqp.frame.unmarshal(frames.encode_ack(3, 2**40, multiple=True))
+    assert channel == 3
+    assert isinstance(ack, cmd.Basic.Ack)
+    assert (ack.delivery_tag, ack.multiple) == (2**40, True)
+    _, _, nack = pamqp.frame.unmarshal(frames.encode_nack(3, 7, requeue=False))
+    assert isinstance(nack, cmd.Basic.Nack)
+    assert (nack.delivery_tag, nack.multiple, nack.requeue) == (7, False, False)
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def delivery_bytes(channel: int, tag: int, body: bytes, *, frame_max: int = 131072) -> bytes:
+    deliver = cmd.Basic.Deliver(
+        consumer_tag="ctag", delivery_tag=tag, redelivered=tag % 2 == 0, exchange="ex", routing_key="a.b"
+    )
+    props = pamqp_properties(content_type="application/json", headers={"n": tag}, message_id=f"m{tag}")
+    out = pamqp.frame.marshal(deliver, channel) + header_frame(len(body), props, channel)
+    for start in range(0, len(body), frame_max - 8):
+        out += pamqp.frame.marshal(pamqp.body.ContentBody(body[start : start + frame_max - 8]), channel)
+    return out
+
+
+async def connected() -> tuple[Connection, Channel, list[list[Message]]]:
+    conn = Connection(Endpoint.from_url("amqp://guest:guest@localhost/"), "test")
+    conn.connection_made(FakeTransport())  # type: ignore[arg-type]
+    channel = Channel(conn, 1)
+    conn._channels[1] = channel
+    batches: list[list[Message]] = []
+
+    def consumer(message: Message) -> None:
+        batches[-1].append(message)
+
+    real_hand_out = channel._hand_out
+
+    def hand_out() -> None:  # one batch per read
+        batches.append([])
+        real_hand_out()
+
+    channel._hand_out = hand_out  # type: ignore[method-assign]
+    channel.consumers["ctag"] = consumer
+    return conn, channel, batches
+
+
+async def test_a_read_with_many_deliveries_hands_them_over_together_in_order() -> None:
+    conn, _, batches = await connected()
+    stream = b"".join(delivery_bytes(1, tag, f"body-{tag}".encode()) for tag in range(1, 51))
+    conn.data_received(stream)
+    assert len(batches) == 1
+    got = batches[0]
+    assert [m.delivery_tag for m in got] == list(range(1, 51))
+    assert [m.body for m in got] == [f"body-{t}".encode() for t in range(1, 51)]
+    assert got[1].redelivered
+    assert not got[0].redelivered
+    assert (got[0].exchange, got[0].routing_key, got[0].consumer_tag) == ("ex", "a.b", "ctag")
+    assert got[4].properties.headers == {"n": 5}
+    assert got[4].properties.message_id == "m5"
+
+
+@pytest.mark.parametrize("piece", [1, 7, 13, 100])
+async def test_deliveries_split_anywhere_across_reads_come_out_whole(piece: int) -> None:
+    conn, _, batches = await connected()
+    body = bytes(range(256)) * 20  # three body frames at frame_max 2048
+    stream = delivery_bytes(1, 1, body, frame_max=2048) + delivery_bytes(1, 2, b"", frame_max=2048)
+    for start in range(0, len(stream), piece):
+        conn.data_received(stream[start : start + piece])
+    got = [m for batch in batches for m in batch]
+    assert [(m.delivery_tag, m.body) for m in got] == [(1, body), (2, b"")]
+    assert not conn._buf
+
+
+async def test_a_frame_without_its_end_byte_drops_the_connection_and_fails_waiters() -> None:
+    conn, channel, _ = await connected()
+    waiter = asyncio.ensure_future(channel.qos(10))
+    await asyncio.sleep(0)
+    bad = bytearray(delivery_bytes(1, 1, b"x"))
+    bad[-1] = 0
+    conn.data_received(bytes(bad))
+    assert isinstance(conn.closed, ConnectionClosedError)
+    assert "malformed" in str(conn.closed)
+    with pytest.raises(ConnectionClosedError):
+        await waiter
+    assert not channel.is_open
+
+
+async def test_confirms_resolve_singly_and_multiply_and_nacks_fail() -> None:
+    conn, channel, _ = await connected()
+    channel._confirming = True
+    futures = [channel.publish(b"") for _ in range(6)]
+    conn.data_received(pamqp.frame.marshal(cmd.Basic.Ack(delivery_tag=2), 1))
+    assert [f.done() for f in futures] == [False, True, False, False, False, False]
+    conn.data_received(
+        pamqp.frame.marshal(cmd.Basic.Ack(delivery_tag=4, multiple=True), 1)
+        + pamqp.frame.marshal(cmd.Basic.Nack(delivery_tag=5), 1)
+    )
+    assert [f.done() for f in futures] == [True, True, True, True, True, False]
+    assert isinstance(futures[4].exception(), Exception)
+    assert channel.unconfirmed == 1
+    channel.expire_unconfirmed(channel.unconfirmed_mark(), TimeoutError("late"))
+    assert isinstance(futures[5].exception(), TimeoutError)
+
+
+async def test_an_unanswered_request_gives_the_channel_up_but_keeps_its_number_until_closed() -> None:
+    conn, channel, _ = await connected()
+    conn.rpc_timeout = 0.05
+    with pytest.raises(ReplyTimeoutError, match="Qos"):
+        await channel.qos(10)
+    assert not channel.is_open
+    assert conn._channels[1] is channel  # a new channel 1 could get this one's late reply
+    conn.data_received(pamqp.frame.marshal(cmd.Basic.QosOk(), 1))  # the late reply is ignored
+    assert conn.is_open
+    conn.data_received(pamqp.frame.marshal(cmd.Channel.CloseOk(), 1))
+    assert 1 not in conn._channels
