@@ -451,6 +451,21 @@ class _Confirms:
         self._channel: Channel | None = None
         self._opening = asyncio.Lock()
         self._sweeper: asyncio.TimerHandle | None = None
+        self._replaced_at = 0.0
+        self._retiring: set[asyncio.Task[None]] = set()
+
+    def nacked(self, channel: Channel) -> None:
+        """The broker nacked a publish on ``channel``. Publish on a fresh channel from now on
+        (at most once a second): a channel that kept a queue's old leader in mind after a node
+        left the cluster was seen to nack every later publish, while a new channel did not."""
+        loop = asyncio.get_running_loop()
+        if channel is not self._channel or loop.time() - self._replaced_at < 1.0:
+            return
+        self._replaced_at = loop.time()
+        self._channel = None
+        task = loop.create_task(_close_quietly(channel, self._timeout))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     async def channel(self, within: float) -> Channel:
         async with self._opening:  # one opener; concurrent publishers then find its channel
@@ -601,6 +616,7 @@ class RabbitMQTransport(Transport):
         deadline = loop.time() + self.timeout
         confirms = self._confirms
         while True:
+            channel: Channel | None = None
             try:
                 channel = confirms.channel_now()
                 if channel is None:
@@ -622,6 +638,8 @@ class RabbitMQTransport(Transport):
                 await confirmed
                 return
             except PublishNackedError as exc:
+                if channel is not None:
+                    confirms.nacked(channel)
                 raise PublishNotConfirmed(f"broker refused {message.routing_key!r}: {exc}") from exc
             except ChannelClosedError as exc:
                 missing = _MISSING_EXCHANGE.search(exc.reply_text) if exc.reply_code == 404 else None
@@ -754,6 +772,12 @@ class RabbitMQTransport(Transport):
     async def delete_exchange(self, exchange: str) -> None:
         async with self._temp_channel() as channel:
             await channel.rpc(Exchange.Delete(exchange=exchange), Exchange.DeleteOk)
+
+
+async def _close_quietly(channel: Channel, within: float) -> None:
+    with contextlib.suppress(TimeoutError, TransportError):
+        async with asyncio.timeout(within):
+            await channel.close()
 
 
 def _redact(url: str) -> str:
