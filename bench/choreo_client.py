@@ -7,7 +7,8 @@ Modes (each takes the broker, namespace and key options below):
   choreo worker; one process, like ``../shared/bench/raw_aiopika.py``;
 - ``publish N``: only the publishing half (pre-fills the agent's queue);
 - ``consume N``: only the draining half (what ``run.py --profile`` samples);
-- ``worker --target N``: an idle worker that says ``ready``, then ``done`` after N messages,
+- ``worker --target N [--mark W]``: an idle worker that says ``ready``, ``mark`` after W
+  messages (the warm-up), then ``done`` after N messages,
   and waits for SIGTERM (the memory step reads its RSS from /proc);
 - ``saga --orders N --rate R``: publish the saga's orders at a fixed rate while the four
   agents run as ``choreo worker`` processes, observe every event and report hop latencies.
@@ -71,6 +72,8 @@ class Counter:
     target: int
     count: int = 0
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    mark: int = 0  # the worker says "mark" once this many are handled (0: never)
+    marked: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 def bench_agent(counter: Counter) -> choreo.Agent[None]:
@@ -79,6 +82,8 @@ def bench_agent(counter: Counter) -> choreo.Agent[None]:
     @agent.on(BenchOrder)
     async def handle(event: BenchOrder, ctx: choreo.Context[None]) -> None:
         counter.count += 1
+        if counter.count == counter.mark:
+            counter.marked.set()
         if counter.count >= counter.target:
             counter.done.set()
 
@@ -182,7 +187,7 @@ async def wait_handled(runtime: choreo.AgentRuntime[Any], counter: Counter, *, t
 
 # worker (memory) --------------------------------------------------------------------------------
 async def idle_worker(args: argparse.Namespace) -> dict[str, Any]:
-    counter = Counter(args.target)
+    counter = Counter(args.target, mark=args.mark)
     worker = choreo.Worker([bench_agent(counter)], settings=settings_from(args))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -192,6 +197,12 @@ async def idle_worker(args: argparse.Namespace) -> dict[str, Any]:
     while not await worker.is_ready():  # noqa: ASYNC110 - readiness is a check on the live channel
         await asyncio.sleep(0.01)
     print("ready", flush=True)
+    if counter.mark:
+        await counter.marked.wait()
+        stats = worker.runtimes[0].stats
+        while stats.handled + stats.duplicates < counter.mark:  # noqa: ASYNC110 - see wait_handled
+            await asyncio.sleep(0.01)
+        print(f"mark handled={counter.count}", flush=True)
     waiter = asyncio.ensure_future(counter.done.wait())
     stopper = asyncio.ensure_future(stop.wait())
     await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -387,6 +398,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
     parser.add_argument("--publish-api", choices=["auto", "gather"], default="auto")
     parser.add_argument("--target", type=int, default=0, help="worker: messages before it says done")
+    parser.add_argument("--mark", type=int, default=0, help="worker: messages before it says mark (warm-up)")
     parser.add_argument("--orders", type=int, default=1000, help="saga: orders to place")
     parser.add_argument("--rate", type=float, default=100.0, help="saga: orders per second")
     parser.add_argument("--timeout", type=float, default=600.0)

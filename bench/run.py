@@ -71,6 +71,7 @@ QUICK_REPORT = OUT / "benchmarks-quick.md"
 
 CLIENTS = ("choreo", "choreo-asyncio", "raw", "tuned", "faststream", "node")
 STEPS = ("throughput", "saga", "memory")
+WARM_UP = 10_000  # messages through the memory worker before its "warm" RSS is read
 LABELS = {
     "choreo": "choreo (Publisher; Agent on Worker)",
     "choreo-asyncio": "choreo, plain asyncio loop",
@@ -717,11 +718,14 @@ def saga_raw(run: Run, rate: float, orders: int) -> dict[str, Any]:
 
 # step: memory ---------------------------------------------------------------------------------------
 def memory_step(run: Run) -> str:
+    """RSS of an idle worker, after a warm-up of ``WARM_UP`` messages (caches and pools filled),
+    and after ``memory_count`` more: growth past the warm-up is what a leak would show."""
     m = run.opts.memory_count
+    warm = min(WARM_UP, m)
     step = "memory"
     queues, exchanges = run.track(step, "bench")
     worker = Child(
-        [*run.client_cmd("worker", step), "--target", str(m)],
+        [*run.client_cmd("worker", step), "--target", str(warm + m), "--mark", str(warm)],
         env=run.env(),
         log=run.tmp / "memory-worker.log",
         stdout_pipe=True,
@@ -731,6 +735,11 @@ def memory_step(run: Run) -> str:
         worker.wait_line("ready", timeout=90)
         idle = proc_status_kb(worker.pid, "VmRSS")
         run_measured(
+            [*run.client_cmd("publish", step, str(warm))], env=run.env(), timeout=warm / 100 + 180, what="warm-up"
+        )
+        worker.wait_line("mark", timeout=warm / 50 + 180)
+        warmed = proc_status_kb(worker.pid, "VmRSS")
+        run_measured(
             [*run.client_cmd("publish", step, str(m))], env=run.env(), timeout=m / 100 + 180, what="memory publisher"
         )
         worker.wait_line("done", timeout=m / 50 + 180)
@@ -739,8 +748,19 @@ def memory_step(run: Run) -> str:
     finally:
         worker.stop()
         run.clean(queues, exchanges)
-    run.memory = {"messages": m, "idle_kb": idle, "after_kb": after, "peak_kb": peak, "worker_cpu_s": worker.cpu_s}
-    return f"idle {idle / 1024:.1f} MB, after {m:,} messages {after / 1024:.1f} MB (peak {peak / 1024:.1f} MB)"
+    run.memory = {
+        "messages": m,
+        "warm_up": warm,
+        "idle_kb": idle,
+        "warmed_kb": warmed,
+        "after_kb": after,
+        "peak_kb": peak,
+        "worker_cpu_s": worker.cpu_s,
+    }
+    return (
+        f"idle {idle / 1024:.1f} MB, after a {warm:,}-message warm-up {warmed / 1024:.1f} MB, "
+        f"after {m:,} more {after / 1024:.1f} MB (peak {peak / 1024:.1f} MB)"
+    )
 
 
 # profile --------------------------------------------------------------------------------------------
@@ -1005,8 +1025,11 @@ def ratio_line(run: Run) -> str:
     parts.append("saga hop p99 choreo/raw=" + (" ".join(hops) or "n/a"))
     if run.memory:
         m = run.memory
-        growth = (m["after_kb"] - m["idle_kb"]) / 1024
-        parts.append(f"rss idle={m['idle_kb'] / 1024:.1f}MB growth={growth:+.1f}MB after {m['messages']} msgs")
+        growth = (m["after_kb"] - m["warmed_kb"]) / 1024
+        parts.append(
+            f"rss idle={m['idle_kb'] / 1024:.1f}MB warm={m['warmed_kb'] / 1024:.1f}MB "
+            f"growth={growth:+.1f}MB over {m['messages']} msgs after warm-up"
+        )
     else:
         parts.append("rss n/a")
     return "ratios: " + " | ".join(parts)
@@ -1202,12 +1225,19 @@ def write_report(run: Run, path: Path, info: dict[str, str], ratios: str) -> Non
             "### Worker memory",
             "",
             md_table(
-                ["idle (attached)", f"after {m['messages']:,} messages", "growth", "peak (VmHWM)"],
+                [
+                    "idle (attached)",
+                    f"after {m['warm_up']:,} warm-up messages",
+                    f"after {m['messages']:,} more",
+                    "growth after warm-up",
+                    "peak (VmHWM)",
+                ],
                 [
                     [
                         f"{m['idle_kb'] / 1024:.1f} MB",
+                        f"{m['warmed_kb'] / 1024:.1f} MB",
                         f"{m['after_kb'] / 1024:.1f} MB",
-                        f"{(m['after_kb'] - m['idle_kb']) / 1024:+.1f} MB",
+                        f"{(m['after_kb'] - m['warmed_kb']) / 1024:+.1f} MB",
                         f"{m['peak_kb'] / 1024:.1f} MB",
                     ]
                 ],
@@ -1440,9 +1470,9 @@ def finish(run: Run) -> int:
         m = run.memory
         say("")
         say(
-            f"memory: idle worker {m['idle_kb'] / 1024:.1f} MB, after {m['messages']:,} messages "
-            f"{m['after_kb'] / 1024:.1f} MB ({(m['after_kb'] - m['idle_kb']) / 1024:+.1f} MB), "
-            f"peak {m['peak_kb'] / 1024:.1f} MB"
+            f"memory: idle worker {m['idle_kb'] / 1024:.1f} MB, after a {m['warm_up']:,}-message warm-up "
+            f"{m['warmed_kb'] / 1024:.1f} MB, after {m['messages']:,} more {m['after_kb'] / 1024:.1f} MB "
+            f"({(m['after_kb'] - m['warmed_kb']) / 1024:+.1f} MB), peak {m['peak_kb'] / 1024:.1f} MB"
         )
     say("")
     say(f"load: {load_text(run.load['total'])}")
