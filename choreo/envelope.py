@@ -97,8 +97,11 @@ class Envelope(BaseModel):
 
 def format_timestamp(moment: datetime) -> str:
     """RFC 3339 in UTC with millisecond precision, e.g. ``2026-11-20T10:00:00.123Z``."""
-    moment = moment.astimezone(UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    m = moment.astimezone(UTC)
+    return (
+        f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:{m.second:02d}."
+        f"{m.microsecond // 1000:03d}Z"
+    )
 
 
 def parse_envelope(body: bytes) -> Envelope:

@@ -17,14 +17,12 @@ _NAMESPACE = uuid.UUID("6f1c3b1e-6d1a-4c8e-9a57-63686f72656f")  # fixed forever:
 
 def uuid7() -> str:
     """A time-ordered UUIDv7 (RFC 9562) as its canonical string."""
-    ms = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
-    value = (ms & ((1 << 48) - 1)) << 80
-    value |= 0x7 << 76  # version
-    value |= ((rand >> 62) & 0xFFF) << 64  # rand_a, 12 bits
-    value |= 0b10 << 62  # variant
-    value |= rand & ((1 << 62) - 1)  # rand_b, 62 bits
-    return str(uuid.UUID(int=value))
+    ms = (time.time_ns() // 1_000_000) & 0xFFFF_FFFF_FFFF
+    rand = os.urandom(10)
+    # 48-bit milliseconds, version 7 and 12 random bits, variant 0b10 and 62 random bits;
+    # built as bytes, since uuid.UUID costs more than the rest.
+    raw = (ms.to_bytes(6, "big") + bytes((0x70 | (rand[0] & 0x0F), rand[1], 0x80 | (rand[2] & 0x3F))) + rand[3:]).hex()
+    return f"{raw[:8]}-{raw[8:12]}-{raw[12:16]}-{raw[16:20]}-{raw[20:]}"
 
 
 def derived_id(handled_id: str, agent: str, event_type: str, ordinal: int) -> str:
