@@ -1205,7 +1205,8 @@ def write_report(run: Run, path: Path, info: dict[str, str], ratios: str) -> Non
         "callback on one quorum queue, perf_counter resolution; it paces with `sleep(1/RATE)`, so its real "
         "rate is at most the nominal one. Its CPU is the process's, minus start-up, per message.",
         f"- Memory: RSS (`VmRSS`) of a choreo worker process running the bench agent, once attached and idle, "
-        f"then after {run.opts.memory_count:,} messages published to it (VmHWM = peak).",
+        f"after a warm-up of {WARM_UP:,} messages (SQLite page cache and allocator pools filled), then after "
+        f"{run.opts.memory_count:,} more (VmHWM = peak). Growth is counted from the warm-up.",
         "",
         "## Results",
         "",
