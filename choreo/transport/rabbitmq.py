@@ -279,7 +279,9 @@ class _Link:
             self.at = at  # a failed attempt moves on too: the next one tries the next node
             try:
                 conn = await Connection.open(self.endpoints[at], name=self.name, within=self.timeout)
-            except TransportError:
+            except Exception as exc:  # whatever failed, the link must keep trying
+                if not isinstance(exc, TransportError):
+                    log.warning("reconnect attempt failed", url=_redact(self.urls[at]), error=repr(exc))
                 await asyncio.sleep(_RESTORE_BACKOFF_S[min(attempt, len(_RESTORE_BACKOFF_S) - 1)])
                 attempt += 1
                 continue
@@ -462,10 +464,7 @@ class _Confirms:
         if channel is not self._channel or loop.time() - self._replaced_at < 1.0:
             return
         self._replaced_at = loop.time()
-        self._channel = None
-        task = loop.create_task(_close_quietly(channel, self._timeout))
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+        self.discard()
 
     async def channel(self, within: float) -> Channel:
         async with self._opening:  # one opener; concurrent publishers then find its channel
@@ -493,8 +492,18 @@ class _Confirms:
         self._sweeper = None
         if channel.is_open:
             channel.expire_unconfirmed(mark, TimeoutError(f"no publisher confirm within {self._timeout}s"))
-            if channel.unconfirmed:
-                self.watch(channel)
+        # A closed channel failed its own unconfirmed publishes; watch whichever is current now.
+        current = self._channel
+        if current is not None and current.is_open and current.unconfirmed:
+            self.watch(current)
+
+    def discard(self) -> None:
+        """Stop using the current channel (closed in the background); the next publish opens one."""
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            task = asyncio.get_running_loop().create_task(_close_quietly(channel, self._timeout))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
 
     async def close(self) -> None:
         if self._sweeper is not None:
@@ -643,10 +652,12 @@ class RabbitMQTransport(Transport):
                 raise PublishNotConfirmed(f"broker refused {message.routing_key!r}: {exc}") from exc
             except ChannelClosedError as exc:
                 missing = _MISSING_EXCHANGE.search(exc.reply_text) if exc.reply_code == 404 else None
-                if missing is not None and missing["name"] == message.exchange:
+                if (missing is not None and missing["name"] == message.exchange) or exc.reply_code in {403, 406}:
+                    # Missing exchange, access refused, message too large: trying again cannot help.
                     raise PublishNotConfirmed(f"broker refused {message.routing_key!r}: {exc}") from exc
                 if loop.time() >= deadline:
                     raise PublishNotConfirmed(f"publish of {message.routing_key!r} not confirmed: {exc}") from exc
+                await asyncio.sleep(0.05)  # the channel is re-opened by the next attempt
             except (TimeoutError, TransportError) as exc:
                 if loop.time() >= deadline:
                     raise PublishNotConfirmed(f"publish of {message.routing_key!r} not confirmed: {exc!r}") from exc
@@ -678,6 +689,8 @@ class RabbitMQTransport(Transport):
             except PublishNackedError as exc:
                 raise PublishNotConfirmed(f"broker refused {message.routing_key!r}: {exc}") from exc
             except (TimeoutError, TransportError) as exc:
+                # A late return from this publish must not be blamed on the next one.
+                self._mandatory.discard()
                 raise PublishNotConfirmed(f"publish of {message.routing_key!r} not confirmed: {exc!r}") from exc
             if channel.returned:
                 raise PublishNotConfirmed(
@@ -699,9 +712,9 @@ class RabbitMQTransport(Transport):
         sub = _RabbitSubscription(self, queue, handler, prefetch)
         try:
             await sub.consume()
-        except ChannelClosedError as exc:
-            await sub.close()
-            if exc.reply_code == 404:
+        except BaseException as exc:
+            await sub.close()  # no restore and no orphaned consumer behind a failed subscribe
+            if isinstance(exc, ChannelClosedError) and exc.reply_code == 404:
                 raise TransportError(f"queue {queue!r} does not exist: declare the topology first") from exc
             raise
         self._subs.append(sub)
@@ -753,8 +766,7 @@ class RabbitMQTransport(Transport):
             if self._get_channel is None or not self._get_channel.is_open:
                 conn = await self._link.up()
                 self._get_channel = await conn.channel()
-            async with asyncio.timeout(self.timeout):
-                msg = await self._get_channel.get(queue)
+            msg = await self._get_channel.get(queue)  # bounded by the RPC reply timeout
         except ChannelClosedError as exc:
             self._get_channel = None
             if exc.reply_code == 404:

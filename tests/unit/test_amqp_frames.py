@@ -274,3 +274,41 @@ async def test_an_unanswered_request_gives_the_channel_up_but_keeps_its_number_u
     assert conn.is_open
     conn.data_received(pamqp.frame.marshal(cmd.Channel.CloseOk(), 1))
     assert 1 not in conn._channels
+
+
+async def test_a_late_get_ok_on_a_given_up_channel_is_skipped_with_its_content() -> None:
+    conn, channel, _ = await connected()
+    conn.rpc_timeout = 0.05
+    with pytest.raises(ReplyTimeoutError):
+        await channel.get("q")
+    late = cmd.Basic.GetOk(delivery_tag=1, exchange="ex", routing_key="a.b", message_count=0)
+    body = b"late body"
+    conn.data_received(
+        pamqp.frame.marshal(late, 1)
+        + header_frame(len(body), pamqp_properties())
+        + pamqp.frame.marshal(pamqp.body.ContentBody(body), 1)
+    )
+    assert conn.is_open  # not a "content header without a method" protocol error
+
+
+async def test_a_cancelled_request_gives_its_channel_up() -> None:
+    conn, channel, _ = await connected()
+    waiter = asyncio.ensure_future(channel.qos(10))
+    await asyncio.sleep(0)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert not channel.is_open
+    assert conn._channels[1] is channel  # until the broker confirms the close
+
+
+async def test_a_delivery_for_a_consumer_that_is_gone_is_nacked_back_to_the_queue() -> None:
+    conn, channel, _ = await connected()
+    channel.consumers.clear()
+    conn.data_received(delivery_bytes(1, 9, b"orphan"))
+    await asyncio.sleep(0)  # writes of this turn go out in the next
+    written = b"".join(conn._transport.written)  # type: ignore[union-attr]
+    _, number, nack = pamqp.frame.unmarshal(written)
+    assert number == 1
+    assert isinstance(nack, cmd.Basic.Nack)
+    assert (nack.delivery_tag, nack.requeue) == (9, True)

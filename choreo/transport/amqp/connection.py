@@ -190,7 +190,7 @@ class Message:
 
 _NO_PROPERTIES = Properties()
 Consumer = Callable[[Message], None]
-_INCOMING_DELIVERY, _INCOMING_GET, _INCOMING_RETURN = 0, 1, 2
+_INCOMING_DELIVERY, _INCOMING_GET, _INCOMING_RETURN, _INCOMING_DISCARD = 0, 1, 2, 3
 
 
 class Channel:
@@ -246,15 +246,23 @@ class Channel:
                 return await future
         except TimeoutError:
             reason = f"no reply to {type(method).__name__} within {within}s"
-            self._abandon(reason)
+            self._abandon(reason, send_close=not isinstance(method, Channel_.Close))
             raise ReplyTimeoutError(reason) from None
+        except asyncio.CancelledError:
+            # The reply will still come, and nobody will take it: give the channel up.
+            self._abandon(
+                f"{type(method).__name__} cancelled before its reply", send_close=not isinstance(method, Channel_.Close)
+            )
+            raise
 
-    def _abandon(self, reason: str) -> None:
+    def _abandon(self, reason: str, *, send_close: bool = True) -> None:
         """Close the channel on our side at once; its number stays taken until the broker
         confirms the close, so that a new channel never receives this one's late frames."""
         if self.closed is not None:
             return
         self._closed(ReplyTimeoutError(reason), forget=False)
+        if not send_close:  # a close is on its way already; its close-ok frees the number
+            return
         with contextlib.suppress(TransportError):
             self.connection.write(
                 frames.encode_method(
@@ -399,8 +407,9 @@ class Channel:
             self._ready.append(message)
         elif kind == _INCOMING_GET:
             self._reply(message, Basic.GetOk)
-        else:
+        elif kind == _INCOMING_RETURN:
             self.returned.append(message)
+        # _INCOMING_DISCARD: content for an abandoned channel; the broker requeues it on close
 
     def _hand_out(self) -> None:
         """Give the deliveries completed by the last read to their consumers."""
@@ -410,7 +419,10 @@ class Channel:
             consumer = consumers.get(message.consumer_tag)
             if consumer is not None:
                 consumer(message)
-            # else: cancelled meanwhile; unacked, it goes back to the queue with the channel
+            elif self.closed is None:
+                # No consumer for it any more: give it back now. Left unacked, a later
+                # multiple ack on this channel would settle it without it being handled.
+                self.connection.write(frames.encode_nack(self.number, message.delivery_tag, requeue=True))
 
     def _reply(self, value: Any, kind: type[Frame]) -> None:
         if not self._rpc:
@@ -427,7 +439,11 @@ class Channel:
                 self.connection.write(frames.encode_method(self.number, Channel_.CloseOk()))
             if isinstance(method, Channel_.Close | Channel_.CloseOk):
                 self.connection._forget(self)
+            elif isinstance(method, Basic.GetOk | Basic.Return):  # its content follows: skip it
+                self._on_content_method(Message(self, "", 0, False, "", ""), _INCOMING_DISCARD)
             return
+        if isinstance(method, Basic.Cancel | Channel_.Close):
+            self._hand_out()  # deliveries that came before it in this read still reach the consumer
         if isinstance(method, Channel_.Close):
             self.connection.write(frames.encode_method(self.number, Channel_.CloseOk()))
             self._closed(ChannelClosedError(method.reply_code or 0, method.reply_text))
