@@ -634,7 +634,8 @@ class Connection(asyncio.Protocol):
         try:
             await channel.rpc(Channel_.Open(), Channel_.OpenOk)
         except BaseException:
-            self._channels.pop(number, None)
+            if channel.closed is None:  # a given-up channel keeps its number until closed
+                self._channels.pop(number, None)
             raise
         return channel
 
