@@ -540,11 +540,6 @@ class RabbitMQTransport(Transport):
         reconnecting."""
         return _redact(self.urls[self._link.at]) if self._connected_once else None
 
-    @property
-    def server_version(self) -> str:
-        conn = self._link.conn
-        return str(conn.server_properties.get("version", "?")) if conn is not None else "?"
-
     async def connect(self) -> None:
         """Connect to the first URL that answers, in order; reconnects later rotate from there."""
         await self._link.connect()
@@ -633,16 +628,7 @@ class RabbitMQTransport(Transport):
                 conn = channel.connection
                 if not conn.writable_now:
                     await conn.writable()
-                confirmed = channel.publish(
-                    encode_publish(
-                        channel.number,
-                        message.exchange,
-                        message.routing_key,
-                        message.body,
-                        properties,
-                        frame_max=conn.frame_max,
-                    )
-                )
+                confirmed = _send(channel, message, properties)
                 confirms.watch(channel)
                 await confirmed
                 return
@@ -673,17 +659,7 @@ class RabbitMQTransport(Transport):
             try:
                 channel = await self._mandatory.channel(self.timeout)
                 channel.returned.clear()
-                confirmed = channel.publish(
-                    encode_publish(
-                        channel.number,
-                        message.exchange,
-                        message.routing_key,
-                        message.body,
-                        properties,
-                        mandatory=True,
-                        frame_max=channel.connection.frame_max,
-                    )
-                )
+                confirmed = _send(channel, message, properties)
                 async with asyncio.timeout(self.timeout):
                     await confirmed
             except PublishNackedError as exc:
@@ -784,6 +760,21 @@ class RabbitMQTransport(Transport):
     async def delete_exchange(self, exchange: str) -> None:
         async with self._temp_channel() as channel:
             await channel.rpc(Exchange.Delete(exchange=exchange), Exchange.DeleteOk)
+
+
+def _send(channel: Channel, message: OutgoingMessage, properties: bytes) -> asyncio.Future[None]:
+    """Write ``message`` on ``channel``; the future resolves on the broker's confirm."""
+    return channel.publish(
+        encode_publish(
+            channel.number,
+            message.exchange,
+            message.routing_key,
+            message.body,
+            properties,
+            mandatory=message.mandatory,
+            frame_max=channel.connection.frame_max,
+        )
+    )
 
 
 async def _close_quietly(channel: Channel, within: float) -> None:

@@ -499,7 +499,6 @@ class Connection(asyncio.Protocol):
         self.channel_max = endpoint.channel_max
         self.heartbeat = endpoint.heartbeat
         self.rpc_timeout = 10.0
-        self.blocked = False
         self._transport: asyncio.Transport | None = None
         self._buf = bytearray()
         self._channels: dict[int, Channel] = {}
@@ -512,7 +511,6 @@ class Connection(asyncio.Protocol):
         self._heard = True
         self._silent_ticks = 0
         self._heartbeat_timer: asyncio.TimerHandle | None = None
-        self._lost_waiter: asyncio.Future[None] = self.loop.create_future()
 
     # -- opening and closing --------------------------------------------------------------------
 
@@ -608,9 +606,6 @@ class Connection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.abort()
 
-    async def wait_closed(self) -> None:
-        await asyncio.shield(self._lost_waiter)
-
     @property
     def is_open(self) -> bool:
         return self.closed is None
@@ -697,7 +692,6 @@ class Connection(asyncio.Protocol):
         size_now = len(buf)
         pos = 0
         channels = self._channels
-        touched: list[Channel] = []
         try:
             while size_now - pos >= 8:
                 kind, number, size = FRAME_HEAD.unpack_from(buf, pos)
@@ -711,8 +705,6 @@ class Connection(asyncio.Protocol):
                 if kind == FRAME_BODY:
                     if channel is not None:
                         channel._on_body(bytes(buf[start:end]))
-                        if channel._ready and (not touched or touched[-1] is not channel):
-                            touched.append(channel)
                 elif kind == FRAME_METHOD:
                     (ids,) = U32.unpack_from(buf, start)
                     if channel is None:
@@ -733,8 +725,6 @@ class Connection(asyncio.Protocol):
                     if channel is not None:
                         (body_size,) = U64.unpack_from(buf, start + 4)
                         channel._on_header(body_size, decode_properties(buf, start + 12))
-                        if channel._ready and (not touched or touched[-1] is not channel):
-                            touched.append(channel)
                 elif kind != frames.FRAME_HEARTBEAT:
                     raise FrameError(f"unknown frame type {kind}")
                 pos = end + 1
@@ -745,8 +735,9 @@ class Connection(asyncio.Protocol):
             self.abort()
             return
         del buf[:pos]
-        for channel in touched if len(touched) < 2 else dict.fromkeys(touched):
-            channel._hand_out()
+        for channel in list(channels.values()):  # a handful per connection
+            if channel._ready:
+                channel._hand_out()
 
     def _on_method0(self, method: Frame) -> None:
         if isinstance(method, Connection_.Close):
@@ -755,10 +746,8 @@ class Connection(asyncio.Protocol):
             code = method.reply_code or 0
             self._lost(ConnectionClosedError(f"closed by the broker: {code} {method.reply_text}", code))
             self.abort()
-        elif isinstance(method, Connection_.Blocked):
-            self.blocked = True
-        elif isinstance(method, Connection_.Unblocked):
-            self.blocked = False
+        elif isinstance(method, Connection_.Blocked | Connection_.Unblocked):
+            pass  # a resource alarm: the broker stops reading; unconfirmed publishes time out
         elif self._ch0:
             kinds, future = self._ch0.popleft()
             if not future.done():
@@ -795,8 +784,6 @@ class Connection(asyncio.Protocol):
                 future.set_exception(exc)
         for channel in list(self._channels.values()):
             channel._closed(exc)
-        if not self._lost_waiter.done():
-            self._lost_waiter.set_result(None)
         if self.on_lost is not None:
             self.on_lost(exc)
 
