@@ -18,6 +18,7 @@
 | CHOREO_DEDUP_RETENTION_S | 604800 | how long done keys are kept (duplicates later than this are not caught) |
 | CHOREO_HTTP_PORT | (off) | worker HTTP port for /metrics, /healthz, /readyz (0: any free port) |
 | CHOREO_HEARTBEAT_S | 5 | heartbeat interval on the control exchange (0: none) |
+| CHOREO_GC_TUNING | 1 | freeze start-up objects out of the collector, collect less often (0: Python's defaults) |
 | CHOREO_LOG_LEVEL | info | debug also logs every handled message and suppressed duplicate |
 | CHOREO_SIGNING_KEYS etc. | | see :meth:`choreo.signing.Keyring.from_env` |
 """
@@ -82,6 +83,7 @@ class Settings:
     dedup_lease_s: float = 30.0
     http_port: int | None = None  # /metrics, /healthz, /readyz; None: no HTTP server
     heartbeat_s: float = 5.0  # 0: no heartbeats
+    gc_tuning: bool = True  # see choreo.worker.tune_gc
     keyring: Keyring = field(default_factory=Keyring)
 
     @classmethod
@@ -106,6 +108,7 @@ class Settings:
             dedup_lease_s=float(_int(env, "CHOREO_DEDUP_LEASE_S", 30, minimum=1)),
             http_port=_int(env, "CHOREO_HTTP_PORT", 0) if env.get("CHOREO_HTTP_PORT") else None,
             heartbeat_s=_float(env, "CHOREO_HEARTBEAT_S", 5.0),
+            gc_tuning=env.get("CHOREO_GC_TUNING", "1").lower() not in {"0", "false", "no"},
             keyring=Keyring.from_env(env),
         )
         return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
