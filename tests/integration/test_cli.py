@@ -13,6 +13,7 @@ import pytest
 
 from agents import inventory
 from choreo import Settings
+from choreo.observability.heartbeat import control_exchange
 from choreo.runtime import topology_for
 from choreo.testing import wait_for
 from choreo.topology import QueueSpec, Topology
@@ -56,6 +57,7 @@ async def test_worker_handles_published_events_and_exits_0_on_sigterm(
     await observer.declare(Topology(settings.naming.exchange, (QueueSpec(sink, {}, ("inventory.*",)),)))
     # Declare the worker's queues through the tracked transport too, so the test cleans them up.
     await observer.declare(topology_for(inventory.agent, settings))
+    await observer.declare(Topology(control_exchange(settings.naming)))  # where the worker's heartbeats go
 
     proc = await asyncio.create_subprocess_exec(
         *CHOREO, "worker", "agents.inventory:agent", env=env,

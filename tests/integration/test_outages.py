@@ -157,4 +157,5 @@ async def test_shutdown_during_a_broker_outage_finishes_within_the_grace_period(
         for queue in worker.runtimes[0].topology.queues:
             await admin.delete_queue(queue.name)
         await admin.delete_exchange(settings.naming.exchange)
+        await admin.delete_exchange(f"{settings.naming.exchange}.control")  # the heartbeats'
         await admin.close()
