@@ -1,6 +1,6 @@
 """The runtime's own cost per message, without AMQP: the bench agent on the in-memory transport.
 
-    python bench/runtime_only.py [N] [--rounds R]
+    python bench/runtime_only.py [N] [--rounds R] [--dedup memory:]
 
 Same agent, events, signing (HMAC) and default SQLite dedup store as the consume benchmark,
 but deliveries come from :class:`choreo.transport.InMemoryBroker`, whose own cost is a few
@@ -29,6 +29,7 @@ import choreo
 from choreo.publisher import new_envelope, to_message
 from choreo.runtime import AgentRuntime
 from choreo.transport import Delivery, InMemoryBroker, InMemoryTransport, OutgoingMessage
+from choreo.worker import tune_gc
 
 
 def cpu_s() -> float:
@@ -36,7 +37,7 @@ def cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def one_round(n: int, keyring: choreo.Keyring) -> tuple[float, float]:
+async def one_round(n: int, keyring: choreo.Keyring, dedup_url: str) -> tuple[float, float]:
     """(runtime µs/msg, transport floor µs/msg) for ``n`` fresh events."""
     with tempfile.TemporaryDirectory() as state:
         settings = choreo.Settings(
@@ -44,6 +45,7 @@ async def one_round(n: int, keyring: choreo.Keyring) -> tuple[float, float]:
             state_dir=Path(state),
             prefetch=256,
             keyring=keyring,
+            dedup_url=dedup_url,
         )
         transport = InMemoryTransport(InMemoryBroker())
         await transport.connect()
@@ -88,13 +90,15 @@ async def one_round(n: int, keyring: choreo.Keyring) -> tuple[float, float]:
         return runtime_us, floor_us
 
 
-async def main(n: int, rounds: int) -> None:
+async def main(n: int, rounds: int, dedup_url: str) -> None:
     keyring = choreo.Keyring.hmac(("bench", "bench-secret"))
-    results = [await one_round(n, keyring) for _ in range(rounds)]
+    tune_gc()  # as choreo.Worker does on start
+    results = [await one_round(n, keyring, dedup_url) for _ in range(rounds)]
     best = min(results)
     print(
         f"runtime on the in-memory transport: {best[0]:.0f} µs/msg CPU (best of {rounds}; "
-        f"all: {', '.join(f'{r:.0f}' for r, _ in results)}), transport floor {best[1]:.0f} µs/msg, N={n:,}"
+        f"all: {', '.join(f'{r:.0f}' for r, _ in results)}), transport floor {best[1]:.0f} µs/msg, N={n:,}, "
+        f"dedup {dedup_url}"
     )
 
 
@@ -102,7 +106,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("n", type=int, nargs="?", default=20000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dedup", default="sqlite:", help="dedup store URL (memory: shows what SQLite costs)")
     args = parser.parse_args()
     choreo.log.configure(json=True, level=30)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(main(args.n, args.rounds))
+        runner.run(main(args.n, args.rounds, args.dedup))
