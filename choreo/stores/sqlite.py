@@ -5,8 +5,10 @@ thread (a thread hop costs more than the write). ``synchronous=NORMAL`` in WAL m
 committed mark across a process crash (``kill -9``); only an OS crash can lose the last
 commits, which then re-run as at-least-once deliveries and are absorbed by handler idempotency.
 
-One write transaction per event-loop turn: every claim, completion, release and renewal of a
-turn runs at once inside it, and it commits at the start of the next turn. :meth:`claim` and
+One write transaction per event-loop turn, committed at the start of the next turn. Releases
+and renewals run at once inside it; the turn's claims and completions are queued and run
+just before the commit, as one statement each for all of them (new keys, the common case,
+need no per-key round trip). :meth:`claim` and
 :meth:`complete` return only after that commit, so a handler still runs only on a durable
 claim and a message is still acked only after its durable mark; the commit, not the
 guarantee, is shared by every delivery that reaches the store in that turn. Stores
@@ -24,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .. import codec
 from .base import ClaimResult, LeaseStoreMixin
 
 __all__ = ["SQLiteDedupStore", "connect"]
@@ -39,8 +42,12 @@ CREATE TABLE IF NOT EXISTS choreo_dedup (
     updated_at REAL NOT NULL,
     PRIMARY KEY (agent, key)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS choreo_dedup_done_at ON choreo_dedup (done, updated_at);
+DROP INDEX IF EXISTS choreo_dedup_done_at;
+CREATE INDEX IF NOT EXISTS choreo_dedup_done ON choreo_dedup (updated_at) WHERE done = 1;
 """
+# The index serves the hourly cleanup of done keys only, so it is partial: a claim's insert
+# does not touch it, and a completion adds one entry. Files from before had an index over
+# every row (choreo_dedup_done_at); opening one drops it.
 
 
 def connect(path: str | Path) -> sqlite3.Connection:
@@ -55,22 +62,34 @@ def connect(path: str | Path) -> sqlite3.Connection:
 
 
 class _TurnTransaction:
-    """The write transaction of the current event-loop turn on one connection."""
+    """The write transaction of the current event-loop turn on one connection.
 
-    __slots__ = ("_db", "_handle", "_waiters")
+    Claims and completions are queued during the turn and run at its end as one statement each
+    (per agent), just before the commit; other operations run at once.
+    """
+
+    __slots__ = ("_claims", "_completes", "_db", "_handle", "_open", "_waiters")
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self._db = db
-        self._handle: asyncio.Handle | None = None  # the scheduled commit, while a transaction is open
+        self._open = False
+        self._handle: asyncio.Handle | None = None  # the scheduled commit
         # One future per waiter: a waiter cancelled (its delivery's channel closed) cancels its
         # own future only, never the others'.
         self._waiters: list[asyncio.Future[None]] = []
+        self._claims: list[tuple[str, str, float, asyncio.Future[ClaimResult]]] = []
+        self._completes: list[tuple[str, str, asyncio.Future[None]]] = []
+
+    def _begin(self) -> None:
+        if not self._open:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._open = True
+        if self._handle is None:
+            self._handle = asyncio.get_running_loop().call_soon(self._commit)
 
     def run(self, op: Callable[..., _T], *args: Any) -> _T:
         """Run ``op(db, *args)`` now, in this turn's transaction (begun if need be)."""
-        if self._handle is None:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._handle = asyncio.get_running_loop().call_soon(self._commit)
+        self._begin()
         return op(self._db, *args)
 
     def run_durably(self, op: Callable[..., _T], *args: Any) -> tuple[_T, asyncio.Future[None]]:
@@ -81,27 +100,58 @@ class _TurnTransaction:
         self._waiters.append(waiter)
         return result, waiter
 
+    def claim(self, agent: str, key: str, lease_s: float) -> asyncio.Future[ClaimResult]:
+        """The claim's result, once it is committed. A claim whose caller is gone (its future
+        cancelled) by the end of the turn is not made, so it holds no lease."""
+        future: asyncio.Future[ClaimResult] = asyncio.get_running_loop().create_future()
+        self._claims.append((agent, key, lease_s, future))
+        if self._handle is None:
+            self._handle = asyncio.get_running_loop().call_soon(self._commit)
+        return future
+
+    def complete(self, agent: str, key: str) -> asyncio.Future[None]:
+        """Resolved once the key is committed as done."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._completes.append((agent, key, future))
+        if self._handle is None:
+            self._handle = asyncio.get_running_loop().call_soon(self._commit)
+        return future
+
     def flush(self) -> None:
-        """Commit now, if a transaction is open (the last user closing the connection)."""
+        """Commit now, if anything is pending (the last user closing the connection)."""
         if self._handle is not None:
             self._handle.cancel()
             self._commit()
 
     def _commit(self) -> None:
-        waiters, self._waiters = self._waiters, []
         self._handle = None
+        waiters, self._waiters = self._waiters, []
+        claims, self._claims = [c for c in self._claims if not c[3].done()], []
+        completes, self._completes = self._completes, []
+        db = self._db
         try:
-            self._db.execute("COMMIT")
+            if not self._open:
+                db.execute("BEGIN IMMEDIATE")
+                self._open = True
+            results = _claim_many(db, [(agent, key, lease_s) for agent, key, lease_s, _ in claims])
+            _complete_many(db, [(agent, key) for agent, key, _ in completes])
+            self._open = False
+            db.execute("COMMIT")
         except Exception as exc:  # every operation of this turn is lost: their callers must know
+            self._open = False
             with contextlib.suppress(Exception):
-                self._db.execute("ROLLBACK")
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_exception(exc)
+                db.execute("ROLLBACK")
+            failed: list[asyncio.Future[Any]] = [*waiters, *(c[3] for c in claims), *(c[2] for c in completes)]
+            for future in failed:
+                if not future.done():
+                    future.set_exception(exc)
             return
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        for (_, _, _, claimed), result in zip(claims, results, strict=True):
+            if not claimed.done():
+                claimed.set_result(result)
+        for future in (*waiters, *(c[2] for c in completes)):
+            if not future.done():
+                future.set_result(None)
 
 
 class _Shared:
@@ -134,6 +184,58 @@ def _claim(db: sqlite3.Connection, agent: str, key: str, lease_s: float) -> Clai
         return "claimed"
     existing = db.execute("SELECT done FROM choreo_dedup WHERE agent = ? AND key = ?", (agent, key)).fetchone()
     return "done" if existing[0] else "busy"
+
+
+def _claim_many(db: sqlite3.Connection, claims: list[tuple[str, str, float]]) -> list[ClaimResult]:
+    """:func:`_claim` for many keys: new keys (the common case) with one insert per agent."""
+    if not claims:
+        return []
+    if len(claims) == 1:
+        return [_claim(db, *claims[0])]
+    now = time.time()
+    inserted: set[tuple[str, str]] = set()
+    by_agent: dict[tuple[str, float], list[str]] = {}
+    for agent, key, lease_s in claims:
+        by_agent.setdefault((agent, lease_s), []).append(key)
+    for (agent, lease_s), keys in by_agent.items():
+        # RETURNING lists only the rows inserted: keys seen before (or twice here) are not.
+        rows = db.execute(_INSERT_MANY, (agent, now + lease_s, now, codec.dumps(keys))).fetchall()
+        inserted.update((agent, row[0]) for row in rows)
+    results: list[ClaimResult] = []
+    for agent, key, lease_s in claims:
+        if (agent, key) in inserted:
+            inserted.discard((agent, key))  # a second claim of the key in this turn is not the winner
+            results.append("claimed")
+        else:
+            results.append(_claim(db, agent, key, lease_s))
+    return results
+
+
+def _complete_many(db: sqlite3.Connection, completes: list[tuple[str, str]]) -> None:
+    """Mark many keys done: one upsert per agent (the insert covers a row deleted by hand)."""
+    if not completes:
+        return
+    if len(completes) == 1:
+        _complete(db, *completes[0])
+        return
+    now = time.time()
+    by_agent: dict[str, list[str]] = {}
+    for agent, key in completes:
+        by_agent.setdefault(agent, []).append(key)
+    for agent, keys in by_agent.items():
+        db.execute(_COMPLETE_MANY, (agent, now, now, codec.dumps(keys)))
+
+
+_INSERT_MANY = (
+    "INSERT OR IGNORE INTO choreo_dedup (agent, key, done, lease_until, updated_at) "
+    "SELECT ?, value, 0, ?, ? FROM json_each(?) WHERE true RETURNING key"
+)
+# "WHERE true" keeps SQLite from reading ON CONFLICT as part of the SELECT's join.
+_COMPLETE_MANY = (
+    "INSERT INTO choreo_dedup (agent, key, done, lease_until, updated_at) "
+    "SELECT ?, value, 1, ?, ? FROM json_each(?) WHERE true "
+    "ON CONFLICT (agent, key) DO UPDATE SET done = 1, updated_at = excluded.updated_at"
+)
 
 
 def _complete(db: sqlite3.Connection, agent: str, key: str) -> None:
@@ -185,13 +287,10 @@ class SQLiteDedupStore(LeaseStoreMixin):
             _SHARED.pop(str(self.path.resolve()), None)
 
     async def claim(self, agent: str, key: str, *, lease_s: float) -> ClaimResult:
-        result, committed = self._open_shared().txn.run_durably(_claim, agent, key, lease_s)
-        await committed  # a handler runs only on a committed claim
-        return result
+        return await self._open_shared().txn.claim(agent, key, lease_s)  # a handler runs only on a committed claim
 
     async def complete(self, agent: str, key: str) -> None:
-        _, committed = self._open_shared().txn.run_durably(_complete, agent, key)
-        await committed  # the caller acks only after this
+        await self._open_shared().txn.complete(agent, key)  # the caller acks only after this commit
 
     async def release(self, agent: str, key: str) -> None:
         # Not waited for: a release lost to a failed commit ends with the lease instead.

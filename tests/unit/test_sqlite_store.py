@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from choreo.stores import SQLiteDedupStore
+from choreo.stores import sqlite as sqlite_module
 
 
 def committed_done(path: Path, agent: str, key: str) -> bool:
@@ -58,3 +59,109 @@ async def test_stores_of_one_process_on_one_file_share_the_connection(tmp_path: 
         await second.close()
     with pytest.raises(RuntimeError):
         second.db  # noqa: B018
+
+
+def committed_rows(path: Path) -> dict[tuple[str, str], int]:
+    with sqlite3.connect(path) as other:
+        return {(a, k): d for a, k, d in other.execute("SELECT agent, key, done FROM choreo_dedup")}
+
+
+async def test_a_turns_claims_run_together_and_each_gets_its_own_answer(tmp_path: Path) -> None:
+    path = tmp_path / "dedup.sqlite3"
+    store, other_agent = SQLiteDedupStore(path), SQLiteDedupStore(path)
+    await store.open()
+    await other_agent.open()
+    try:
+        assert await store.claim("agent", "done", lease_s=30) == "claimed"
+        await store.complete("agent", "done")
+        assert await store.claim("agent", "held", lease_s=30) == "claimed"
+        assert await store.claim("agent", "expired", lease_s=0.001) == "claimed"
+        await asyncio.sleep(0.01)  # the lease of "expired" runs out (a crashed holder)
+        keys = ["new1", "done", "new2", "held", "new1", "expired", "new3"]
+        answers = await asyncio.gather(
+            *(store.claim("agent", key, lease_s=30) for key in keys),
+            other_agent.claim("other", "new1", lease_s=30),  # same key, other agent: its own row
+        )
+        assert answers == ["claimed", "done", "claimed", "busy", "busy", "claimed", "claimed", "claimed"]
+        rows = committed_rows(path)
+        assert all(rows[("agent", k)] == 0 for k in ("new1", "new2", "new3", "held", "expired"))
+        assert rows[("other", "new1")] == 0
+    finally:
+        await other_agent.close()
+        await store.close()
+
+
+async def test_a_claim_cancelled_before_the_turn_ends_takes_no_lease(tmp_path: Path) -> None:
+    path = tmp_path / "dedup.sqlite3"
+    store = SQLiteDedupStore(path)
+    await store.open()
+    try:
+        gone = asyncio.create_task(store.claim("agent", "k", lease_s=30))
+        kept = asyncio.create_task(store.claim("agent", "k2", lease_s=30))
+        await asyncio.sleep(0)  # both are queued in this turn
+        gone.cancel()
+        assert await kept == "claimed"
+        assert ("agent", "k") not in committed_rows(path)
+        assert await store.claim("agent", "k", lease_s=30) == "claimed"  # not held by a lost caller
+    finally:
+        await store.close()
+
+
+async def test_a_turns_completions_run_together_and_cover_a_row_deleted_by_hand(tmp_path: Path) -> None:
+    path = tmp_path / "dedup.sqlite3"
+    store = SQLiteDedupStore(path)
+    await store.open()
+    try:
+        for key in ("a", "b", "c"):
+            assert await store.claim("agent", key, lease_s=30) == "claimed"
+        store.db.execute("DELETE FROM choreo_dedup WHERE key = 'b'")  # an operator's hand
+        await asyncio.gather(*(store.complete("agent", key) for key in ("a", "b", "c")))
+        assert committed_rows(path) == {("agent", "a"): 1, ("agent", "b"): 1, ("agent", "c"): 1}
+        assert await store.claim("agent", "b", lease_s=30) == "done"
+    finally:
+        await store.close()
+
+
+async def test_a_failed_turn_fails_every_caller_and_keeps_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "dedup.sqlite3"
+    store = SQLiteDedupStore(path)
+    await store.open()
+    try:
+        assert await store.claim("agent", "old", lease_s=30) == "claimed"
+
+        def disk_full(db: sqlite3.Connection, completes: list[tuple[str, str]]) -> None:
+            raise sqlite3.OperationalError("database or disk is full")
+
+        monkeypatch.setattr(sqlite_module, "_complete_many", disk_full)
+        results = await asyncio.gather(
+            store.claim("agent", "new", lease_s=30), store.complete("agent", "old"), return_exceptions=True
+        )
+        assert all(isinstance(r, sqlite3.OperationalError) for r in results)
+        assert committed_rows(path) == {("agent", "old"): 0}  # the turn's claim was rolled back
+        monkeypatch.undo()
+        assert await store.claim("agent", "new", lease_s=30) == "claimed"  # the store still works
+    finally:
+        await store.close()
+
+
+async def test_opening_a_file_with_the_old_full_index_replaces_it(tmp_path: Path) -> None:
+    path = tmp_path / "dedup.sqlite3"
+    with sqlite3.connect(path) as old:
+        old.executescript(
+            "CREATE TABLE choreo_dedup (agent TEXT NOT NULL, key TEXT NOT NULL, done INTEGER NOT NULL DEFAULT 0, "
+            "lease_until REAL NOT NULL, updated_at REAL NOT NULL, PRIMARY KEY (agent, key)) WITHOUT ROWID;"
+            "CREATE INDEX choreo_dedup_done_at ON choreo_dedup (done, updated_at);"
+            "INSERT INTO choreo_dedup VALUES ('agent', 'k', 1, 0, 0);"
+        )
+    store = SQLiteDedupStore(path)
+    await store.open()
+    try:
+        indexes = {row[0] for row in store.db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert "choreo_dedup_done_at" not in indexes
+        assert "choreo_dedup_done" in indexes
+        assert await store.claim("agent", "k", lease_s=30) == "done"  # the rows are kept
+        assert await store.cleanup(older_than_s=1) == 1
+    finally:
+        await store.close()
