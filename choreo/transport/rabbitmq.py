@@ -263,7 +263,15 @@ class _Link:
         conn.rpc_timeout = self.timeout
         self.conn, self.at = conn, at
         conn.on_lost = self._on_lost
+        conn.on_blocked = self._on_blocked
         self._up.set()
+
+    def _on_blocked(self, reason: str | None) -> None:
+        url = _redact(self.urls[self.at])
+        if reason is not None:
+            log.warning("broker blocked publishing (resource alarm); publishes wait", url=url, reason=reason)
+        else:
+            log.info("broker unblocked publishing", url=url)
 
     def _on_lost(self, exc: TransportError) -> None:
         self._up.clear()
@@ -625,13 +633,14 @@ class RabbitMQTransport(Transport):
                 channel = confirms.channel_now()
                 if channel is None:
                     channel = await confirms.channel(max(deadline - loop.time(), 0.0))
-                conn = channel.connection
-                if not conn.writable_now:
-                    await conn.writable()
+                if not channel.connection.writable_now:
+                    await _writable(channel.connection, deadline, message)
                 confirmed = _send(channel, message, properties)
                 confirms.watch(channel)
                 await confirmed
                 return
+            except PublishNotConfirmed:
+                raise
             except PublishNackedError as exc:
                 if channel is not None:
                     confirms.nacked(channel)
@@ -658,10 +667,14 @@ class RabbitMQTransport(Transport):
                 self._mandatory = _Confirms(self._link, self.timeout)
             try:
                 channel = await self._mandatory.channel(self.timeout)
+                if not channel.connection.writable_now:
+                    await _writable(channel.connection, asyncio.get_running_loop().time() + self.timeout, message)
                 channel.returned.clear()
                 confirmed = _send(channel, message, properties)
                 async with asyncio.timeout(self.timeout):
                     await confirmed
+            except PublishNotConfirmed:
+                raise
             except PublishNackedError as exc:
                 raise PublishNotConfirmed(f"broker refused {message.routing_key!r}: {exc}") from exc
             except (TimeoutError, TransportError) as exc:
@@ -760,6 +773,21 @@ class RabbitMQTransport(Transport):
     async def delete_exchange(self, exchange: str) -> None:
         async with self._temp_channel() as channel:
             await channel.rpc(Exchange.Delete(exchange=exchange), Exchange.DeleteOk)
+
+
+async def _writable(conn: Connection, deadline: float, message: OutgoingMessage) -> None:
+    """Wait until ``conn`` takes publishes again (socket buffer drained, broker not blocking),
+    until ``deadline``. Sending while the broker blocks would make it stop reading the
+    connection altogether, acks included."""
+    try:
+        async with asyncio.timeout(max(deadline - asyncio.get_running_loop().time(), 0.0)):
+            await conn.writable()
+    except TimeoutError:
+        if conn.blocked is None:
+            raise
+        raise PublishNotConfirmed(
+            f"publish of {message.routing_key!r} not sent: the broker blocks publishing ({conn.blocked})"
+        ) from None
 
 
 def _send(channel: Channel, message: OutgoingMessage, properties: bytes) -> asyncio.Future[None]:

@@ -312,3 +312,19 @@ async def test_a_delivery_for_a_consumer_that_is_gone_is_nacked_back_to_the_queu
     assert number == 1
     assert isinstance(nack, cmd.Basic.Nack)
     assert (nack.delivery_tag, nack.requeue) == (9, True)
+
+
+async def test_connection_blocked_holds_publishes_back_until_unblocked_and_after_a_full_buffer() -> None:
+    conn, _, _ = await connected()
+    seen: list[str | None] = []
+    conn.on_blocked = seen.append
+    conn.data_received(pamqp.frame.marshal(cmd.Connection.Blocked(reason="low on memory"), 0))
+    assert (conn.writable_now, conn.blocked, seen) == (False, "low on memory", ["low on memory"])
+    waiting = asyncio.ensure_future(conn.writable())
+    conn.pause_writing()  # the socket's buffer fills meanwhile
+    conn.data_received(pamqp.frame.marshal(cmd.Connection.Unblocked(), 0))
+    await asyncio.sleep(0)
+    assert not waiting.done()  # still the full buffer
+    conn.resume_writing()
+    await asyncio.wait_for(waiting, 1)
+    assert (conn.writable_now, conn.blocked, seen) == (True, None, ["low on memory", None])

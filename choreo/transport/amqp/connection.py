@@ -506,8 +506,13 @@ class Connection(asyncio.Protocol):
         self._ch0: collections.deque[tuple[tuple[type[Frame], ...], asyncio.Future[Any]]] = collections.deque()
         self._out: list[bytes] = []
         self._flush_scheduled = False
+        # Publishes wait while either holds: the socket's buffer is full (pause_writing), or the
+        # broker blocked publishing (a resource alarm; the reason is kept in ``blocked``).
         self._writable = asyncio.Event()
         self._writable.set()
+        self._paused = False
+        self.blocked: str | None = None
+        self.on_blocked: Callable[[str | None], None] | None = None
         self._heard = True
         self._silent_ticks = 0
         self._heartbeat_timer: asyncio.TimerHandle | None = None
@@ -664,15 +669,25 @@ class Connection(asyncio.Protocol):
         return self._writable.is_set()
 
     async def writable(self) -> None:
-        """Returns once the socket's write buffer is below its high-water mark."""
+        """Returns once a publish may be written: the socket's write buffer is below its
+        high-water mark and the broker does not block publishing (``connection.blocked``).
+        Other frames (acks, heartbeats) are never held back."""
         if not self._writable.is_set():
             await self._writable.wait()
 
+    def _update_writable(self) -> None:
+        if self.closed is not None or (not self._paused and self.blocked is None):
+            self._writable.set()
+        else:
+            self._writable.clear()
+
     def pause_writing(self) -> None:
-        self._writable.clear()
+        self._paused = True
+        self._update_writable()
 
     def resume_writing(self) -> None:
-        self._writable.set()
+        self._paused = False
+        self._update_writable()
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -747,7 +762,12 @@ class Connection(asyncio.Protocol):
             self._lost(ConnectionClosedError(f"closed by the broker: {code} {method.reply_text}", code))
             self.abort()
         elif isinstance(method, Connection_.Blocked | Connection_.Unblocked):
-            pass  # a resource alarm: the broker stops reading; unconfirmed publishes time out
+            # A resource alarm. Holding publishes back keeps the broker reading this connection
+            # (it stops reading only once a blocked connection publishes), so acks still flow.
+            self.blocked = (method.reason or "resource alarm") if isinstance(method, Connection_.Blocked) else None
+            self._update_writable()
+            if self.on_blocked is not None:
+                self.on_blocked(self.blocked)
         elif self._ch0:
             kinds, future = self._ch0.popleft()
             if not future.done():
