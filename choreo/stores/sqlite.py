@@ -147,7 +147,11 @@ class _TurnTransaction:
                     future.set_exception(exc)
             return
         for (_, _, _, claimed), result in zip(claims, results, strict=True):
-            if not claimed.done():
+            if claimed.done():
+                continue
+            if isinstance(result, Exception):
+                claimed.set_exception(result)
+            else:
                 claimed.set_result(result)
         for future in (*waiters, *(c[2] for c in completes)):
             if not future.done():
@@ -186,28 +190,33 @@ def _claim(db: sqlite3.Connection, agent: str, key: str, lease_s: float) -> Clai
     return "done" if existing[0] else "busy"
 
 
-def _claim_many(db: sqlite3.Connection, claims: list[tuple[str, str, float]]) -> list[ClaimResult]:
-    """:func:`_claim` for many keys: new keys (the common case) with one insert per agent."""
-    if not claims:
-        return []
-    if len(claims) == 1:
-        return [_claim(db, *claims[0])]
+def _claim_many(db: sqlite3.Connection, claims: list[tuple[str, str, float]]) -> list[ClaimResult | Exception]:
+    """:func:`_claim` for many keys: new keys (the common case) with one insert per agent. A key
+    that cannot be stored (say, text SQLite cannot take) fails its own claim, not the others'."""
     now = time.time()
     inserted: set[tuple[str, str]] = set()
     by_agent: dict[tuple[str, float], list[str]] = {}
     for agent, key, lease_s in claims:
         by_agent.setdefault((agent, lease_s), []).append(key)
-    for (agent, lease_s), keys in by_agent.items():
-        # RETURNING lists only the rows inserted: keys seen before (or twice here) are not.
-        rows = db.execute(_INSERT_MANY, (agent, now + lease_s, now, codec.dumps(keys))).fetchall()
-        inserted.update((agent, row[0]) for row in rows)
-    results: list[ClaimResult] = []
+    if len(claims) > 1:
+        for (agent, lease_s), keys in by_agent.items():
+            try:
+                keys_json = codec.dumps(keys)
+            except TypeError:  # a key JSON cannot carry: this group takes the per-key path
+                continue
+            # RETURNING lists only the rows inserted: keys seen before (or twice here) are not.
+            rows = db.execute(_INSERT_MANY, (agent, now + lease_s, now, keys_json)).fetchall()
+            inserted.update((agent, row[0]) for row in rows)
+    results: list[ClaimResult | Exception] = []
     for agent, key, lease_s in claims:
         if (agent, key) in inserted:
             inserted.discard((agent, key))  # a second claim of the key in this turn is not the winner
             results.append("claimed")
-        else:
+            continue
+        try:
             results.append(_claim(db, agent, key, lease_s))
+        except (sqlite3.InterfaceError, sqlite3.DataError, UnicodeError) as exc:
+            results.append(exc)
     return results
 
 
@@ -223,7 +232,13 @@ def _complete_many(db: sqlite3.Connection, completes: list[tuple[str, str]]) -> 
     for agent, key in completes:
         by_agent.setdefault(agent, []).append(key)
     for agent, keys in by_agent.items():
-        db.execute(_COMPLETE_MANY, (agent, now, now, codec.dumps(keys)))
+        try:
+            keys_json = codec.dumps(keys)
+        except TypeError:  # a key JSON cannot carry (it was stored, so SQLite takes it): one by one
+            for key in keys:
+                _complete(db, agent, key)
+            continue
+        db.execute(_COMPLETE_MANY, (agent, now, now, keys_json))
 
 
 _INSERT_MANY = (

@@ -165,3 +165,18 @@ async def test_opening_a_file_with_the_old_full_index_replaces_it(tmp_path: Path
         assert await store.cleanup(older_than_s=1) == 1
     finally:
         await store.close()
+
+
+async def test_a_key_sqlite_cannot_store_fails_its_own_claim_only(tmp_path: Path) -> None:
+    store = SQLiteDedupStore(tmp_path / "dedup.sqlite3")
+    await store.open()
+    try:
+        bad = "lone \ud800 surrogate"  # neither JSON nor SQLite's UTF-8 can carry it
+        results = await asyncio.gather(
+            store.claim("agent", "good", lease_s=30), store.claim("agent", bad, lease_s=30), return_exceptions=True
+        )
+        assert results[0] == "claimed"
+        assert isinstance(results[1], UnicodeError)
+        assert committed_rows(tmp_path / "dedup.sqlite3") == {("agent", "good"): 0}
+    finally:
+        await store.close()
