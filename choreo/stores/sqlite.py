@@ -21,15 +21,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from .. import codec
+from ..log import get_logger
 from .base import ClaimResult, LeaseStoreMixin
 
 __all__ = ["SQLiteDedupStore", "connect"]
+
+log = get_logger("choreo.stores.sqlite")
 
 _T = TypeVar("_T")
 
@@ -68,11 +72,12 @@ class _TurnTransaction:
     (per agent), just before the commit; other operations run at once.
     """
 
-    __slots__ = ("_claims", "_completes", "_db", "_handle", "_open", "_waiters")
+    __slots__ = ("_claims", "_completes", "_db", "_handle", "_waiters", "batched")
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self._db = db
-        self._open = False
+        # One statement for many keys needs RETURNING (SQLite 3.35) and json_each.
+        self.batched = _can_batch(db)
         self._handle: asyncio.Handle | None = None  # the scheduled commit
         # One future per waiter: a waiter cancelled (its delivery's channel closed) cancels its
         # own future only, never the others'.
@@ -81,9 +86,10 @@ class _TurnTransaction:
         self._completes: list[tuple[str, str, asyncio.Future[None]]] = []
 
     def _begin(self) -> None:
-        if not self._open:
+        # SQLite's own state, not a flag of ours: an I/O error or a full disk can end the
+        # transaction by itself.
+        if not self._db.in_transaction:
             self._db.execute("BEGIN IMMEDIATE")
-            self._open = True
         if self._handle is None:
             self._handle = asyncio.get_running_loop().call_soon(self._commit)
 
@@ -129,18 +135,18 @@ class _TurnTransaction:
         claims, self._claims = [c for c in self._claims if not c[3].done()], []
         completes, self._completes = self._completes, []
         db = self._db
+        if not (claims or completes or waiters or db.in_transaction):
+            return  # only cancelled claims: no transaction (and no wait for the write lock)
         try:
-            if not self._open:
+            if not db.in_transaction:
                 db.execute("BEGIN IMMEDIATE")
-                self._open = True
-            results = _claim_many(db, [(agent, key, lease_s) for agent, key, lease_s, _ in claims])
-            _complete_many(db, [(agent, key) for agent, key, _ in completes])
-            self._open = False
+            results = _claim_many(db, [(agent, key, lease_s) for agent, key, lease_s, _ in claims], self.batched)
+            _complete_many(db, [(agent, key) for agent, key, _ in completes], self.batched)
             db.execute("COMMIT")
         except Exception as exc:  # every operation of this turn is lost: their callers must know
-            self._open = False
             with contextlib.suppress(Exception):
-                db.execute("ROLLBACK")
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
             failed: list[asyncio.Future[Any]] = [*waiters, *(c[3] for c in claims), *(c[2] for c in completes)]
             for future in failed:
                 if not future.done():
@@ -158,13 +164,63 @@ class _TurnTransaction:
                 future.set_result(None)
 
 
+class _Checkpointer:
+    """Checkpoints the WAL from a thread with its own connection, every ``every_s``.
+
+    SQLite otherwise checkpoints inside a commit once the WAL holds 1000 pages, and that
+    commit, on the event loop, then waits for the checkpoint's fsyncs: milliseconds in which no
+    message of the process moves. A passive checkpoint never blocks the writer, and the
+    sqlite3 module lets go of the GIL while it runs. The loop's connection keeps a high
+    auto-checkpoint limit as a backstop should this thread ever stall.
+    """
+
+    def __init__(self, path: Path, every_s: float = 0.5) -> None:
+        self._path = path
+        self._every_s = every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="choreo-sqlite-checkpoint", daemon=True)
+        self.checkpoints = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        db: sqlite3.Connection | None = None
+        failed = False
+        while not self._stop.wait(self._every_s):
+            try:
+                if db is None:
+                    db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=True)
+                db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                self.checkpoints += 1
+                failed = False
+            except sqlite3.Error as exc:  # the backstop limit still bounds the WAL
+                if not failed:
+                    log.warning("WAL checkpoint failed; retrying", path=str(self._path), error=repr(exc))
+                failed = True
+        if db is not None:
+            db.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+# Pages in the WAL before the loop's own connection checkpoints (SQLite's default is 1000);
+# normally the checkpointer thread has long done it.
+_BACKSTOP_PAGES = 20_000
+
+
 class _Shared:
     """One connection (and turn transaction) per file and process, counted by its users."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, path: Path) -> None:
         self.db = db
         self.txn = _TurnTransaction(db)
         self.users = 0
+        db.execute(f"PRAGMA wal_autocheckpoint={_BACKSTOP_PAGES}")
+        self.checkpointer = _Checkpointer(path)
+        self.checkpointer.start()
 
 
 _SHARED: dict[str, _Shared] = {}
@@ -190,7 +246,30 @@ def _claim(db: sqlite3.Connection, agent: str, key: str, lease_s: float) -> Clai
     return "done" if existing[0] else "busy"
 
 
-def _claim_many(db: sqlite3.Connection, claims: list[tuple[str, str, float]]) -> list[ClaimResult | Exception]:
+def _can_batch(db: sqlite3.Connection) -> bool:
+    if sqlite3.sqlite_version_info < (3, 35, 0):
+        return False
+    try:
+        db.execute("SELECT value FROM json_each('[\"k\"]')").fetchall()
+    except sqlite3.Error:  # built without JSON support
+        return False
+    return True
+
+
+def _batchable(keys: list[str]) -> bytes | None:
+    """``keys`` as the JSON array json_each reads, or None when one of them cannot go that way:
+    not encodable, or holding a NUL (json_each's text ends at the first one)."""
+    if any("\x00" in key for key in keys):
+        return None
+    try:
+        return codec.dumps(keys)
+    except TypeError:
+        return None
+
+
+def _claim_many(
+    db: sqlite3.Connection, claims: list[tuple[str, str, float]], batched: bool = True
+) -> list[ClaimResult | Exception]:
     """:func:`_claim` for many keys: new keys (the common case) with one insert per agent. A key
     that cannot be stored (say, text SQLite cannot take) fails its own claim, not the others'."""
     now = time.time()
@@ -198,11 +277,10 @@ def _claim_many(db: sqlite3.Connection, claims: list[tuple[str, str, float]]) ->
     by_agent: dict[tuple[str, float], list[str]] = {}
     for agent, key, lease_s in claims:
         by_agent.setdefault((agent, lease_s), []).append(key)
-    if len(claims) > 1:
+    if batched and len(claims) > 1:
         for (agent, lease_s), keys in by_agent.items():
-            try:
-                keys_json = codec.dumps(keys)
-            except TypeError:  # a key JSON cannot carry: this group takes the per-key path
+            keys_json = _batchable(keys)
+            if keys_json is None:  # this group takes the per-key path
                 continue
             # RETURNING lists only the rows inserted: keys seen before (or twice here) are not.
             rows = db.execute(_INSERT_MANY, (agent, now + lease_s, now, keys_json)).fetchall()
@@ -220,21 +298,19 @@ def _claim_many(db: sqlite3.Connection, claims: list[tuple[str, str, float]]) ->
     return results
 
 
-def _complete_many(db: sqlite3.Connection, completes: list[tuple[str, str]]) -> None:
+def _complete_many(db: sqlite3.Connection, completes: list[tuple[str, str]], batched: bool = True) -> None:
     """Mark many keys done: one upsert per agent (the insert covers a row deleted by hand)."""
-    if not completes:
-        return
-    if len(completes) == 1:
-        _complete(db, *completes[0])
+    if not batched or len(completes) <= 1:
+        for agent, key in completes:
+            _complete(db, agent, key)
         return
     now = time.time()
     by_agent: dict[str, list[str]] = {}
     for agent, key in completes:
         by_agent.setdefault(agent, []).append(key)
     for agent, keys in by_agent.items():
-        try:
-            keys_json = codec.dumps(keys)
-        except TypeError:  # a key JSON cannot carry (it was stored, so SQLite takes it): one by one
+        keys_json = _batchable(keys)
+        if keys_json is None:  # one by one
             for key in keys:
                 _complete(db, agent, key)
             continue
@@ -287,7 +363,7 @@ class SQLiteDedupStore(LeaseStoreMixin):
         if shared is None:
             db = connect(self.path)
             db.executescript(_SCHEMA)
-            shared = _SHARED[key] = _Shared(db)
+            shared = _SHARED[key] = _Shared(db, self.path)
         shared.users += 1
         self._shared = shared
 
@@ -298,6 +374,7 @@ class SQLiteDedupStore(LeaseStoreMixin):
         shared.users -= 1
         if shared.users == 0:
             shared.txn.flush()
+            shared.checkpointer.stop()
             shared.db.close()
             _SHARED.pop(str(self.path.resolve()), None)
 

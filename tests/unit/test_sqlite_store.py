@@ -11,6 +11,7 @@ import pytest
 
 from choreo.stores import SQLiteDedupStore
 from choreo.stores import sqlite as sqlite_module
+from choreo.testing import wait_for
 
 
 def committed_done(path: Path, agent: str, key: str) -> bool:
@@ -131,7 +132,7 @@ async def test_a_failed_turn_fails_every_caller_and_keeps_nothing(
     try:
         assert await store.claim("agent", "old", lease_s=30) == "claimed"
 
-        def disk_full(db: sqlite3.Connection, completes: list[tuple[str, str]]) -> None:
+        def disk_full(*_: object) -> None:
             raise sqlite3.OperationalError("database or disk is full")
 
         monkeypatch.setattr(sqlite_module, "_complete_many", disk_full)
@@ -179,4 +180,58 @@ async def test_a_key_sqlite_cannot_store_fails_its_own_claim_only(tmp_path: Path
         assert isinstance(results[1], UnicodeError)
         assert committed_rows(tmp_path / "dedup.sqlite3") == {("agent", "good"): 0}
     finally:
+        await store.close()
+
+
+async def test_the_wal_is_checkpointed_off_the_event_loop_and_the_thread_ends_on_close(tmp_path: Path) -> None:
+    path = tmp_path / "dedup.sqlite3"
+    store = SQLiteDedupStore(path)
+    await store.open()
+    shared = store._open_shared()
+    try:
+        # The loop's connection checkpoints only as a backstop, far beyond SQLite's 1000 pages.
+        assert store.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == sqlite_module._BACKSTOP_PAGES
+        size_before = path.stat().st_size
+        for start in range(0, 3000, 300):
+            await asyncio.gather(*(store.claim("agent", f"key-{n:06d}", lease_s=30) for n in range(start, start + 300)))
+        # The rows reach the database file only through a checkpoint, and only the thread runs one.
+        await wait_for(
+            lambda: shared.checkpointer.checkpoints > 0 and path.stat().st_size > size_before,
+            within=10,
+            what="the checkpointer thread to copy the WAL into the database file",
+        )
+    finally:
+        await store.close()
+    assert not shared.checkpointer._thread.is_alive()
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "per-key (SQLite < 3.35)"])
+async def test_keys_with_a_nul_are_claimed_and_completed_as_themselves(tmp_path: Path, batched: bool) -> None:
+    path = tmp_path / "dedup.sqlite3"
+    store = SQLiteDedupStore(path)
+    await store.open()
+    store._open_shared().txn.batched = batched
+    try:
+        keys = ["evt-1\x00x", "evt-1", "evt-2"]  # json_each would read the first as "evt-1"
+        assert await asyncio.gather(*(store.claim("agent", k, lease_s=30) for k in keys)) == ["claimed"] * 3
+        await asyncio.gather(store.complete("agent", "evt-1\x00x"), store.complete("agent", "evt-2"))
+        assert committed_rows(path) == {("agent", "evt-1\x00x"): 1, ("agent", "evt-1"): 0, ("agent", "evt-2"): 1}
+    finally:
+        await store.close()
+
+
+async def test_a_turn_with_only_cancelled_claims_opens_no_transaction(tmp_path: Path) -> None:
+    store = SQLiteDedupStore(tmp_path / "dedup.sqlite3")
+    await store.open()
+    statements: list[str] = []
+    store.db.set_trace_callback(statements.append)
+    try:
+        gone = asyncio.create_task(store.claim("agent", "k", lease_s=30))
+        await asyncio.sleep(0)
+        gone.cancel()
+        await asyncio.sleep(0)  # the turn's commit runs
+        await asyncio.sleep(0)
+        assert statements == []  # not even a BEGIN, which could wait for another replica's lock
+    finally:
+        store.db.set_trace_callback(None)
         await store.close()
