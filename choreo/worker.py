@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import os
 import signal
@@ -40,12 +41,13 @@ log = get_logger("choreo.worker")
 GC_THRESHOLD = (20_000, 20, 20)
 
 
+@functools.cache
 def tune_gc() -> None:
     """Freeze what start-up allocated (modules, classes, schemas) out of the collector's sight
-    and make young collections rarer. Process-wide; a process already tuned is left as it is, so
-    a second worker in it freezes nothing of the first one's. ``CHOREO_GC_TUNING=0`` skips it."""
-    if gc.get_threshold() == GC_THRESHOLD and gc.get_freeze_count():
-        return
+    and make young collections rarer. Process-wide and once per process, so a second worker in
+    it freezes nothing of the first one's. Objects frozen here are never collected even if they
+    become cyclic garbage later: an application that embeds a Worker and keeps replacing
+    long-lived objects may prefer ``CHOREO_GC_TUNING=0``."""
     gc.collect()
     gc.freeze()  # start-up objects live for the whole process: never walk them again
     gc.set_threshold(*GC_THRESHOLD)

@@ -264,6 +264,8 @@ class _Link:
         self.conn, self.at = conn, at
         conn.on_lost = self._on_lost
         conn.on_blocked = self._on_blocked
+        if conn.blocked is not None:  # blocked already during the handshake
+            self._on_blocked(conn.blocked)
         self._up.set()
 
     def _on_blocked(self, reason: str | None) -> None:
@@ -633,11 +635,17 @@ class RabbitMQTransport(Transport):
                 channel = confirms.channel_now()
                 if channel is None:
                     channel = await confirms.channel(max(deadline - loop.time(), 0.0))
-                if not channel.connection.writable_now:
-                    await _writable(channel.connection, deadline, message)
+                if channel.connection.writable_now:
+                    confirmed = _send(channel, message, properties)
+                    confirms.watch(channel)
+                    await confirmed  # bounded by the confirm sweeper: one timer, not one per publish
+                    return
+                # Rare: the socket's buffer is full or the broker blocks. Keep to the deadline.
+                await _writable(channel.connection, deadline, message)
                 confirmed = _send(channel, message, properties)
                 confirms.watch(channel)
-                await confirmed
+                async with asyncio.timeout_at(deadline):
+                    await confirmed
                 return
             except PublishNotConfirmed:
                 raise
@@ -661,17 +669,26 @@ class RabbitMQTransport(Transport):
     async def _publish_mandatory(self, message: OutgoingMessage, properties: bytes) -> None:
         """A mandatory publish, alone on its channel: the broker sends a return before the
         confirm of an unroutable message, and with one publish in flight a return on the
-        channel can only be this one's."""
-        async with self._returns:
+        channel can only be this one's. One deadline covers the wait for the lock (other moves
+        ahead of it), the channel, a blocked connection and the confirm."""
+        deadline = asyncio.get_running_loop().time() + self.timeout
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._returns.acquire()
+        except TimeoutError:
+            raise PublishNotConfirmed(
+                f"publish of {message.routing_key!r} not sent within {self.timeout}s: earlier moves still wait"
+            ) from None
+        try:
             if self._mandatory is None:
                 self._mandatory = _Confirms(self._link, self.timeout)
             try:
-                channel = await self._mandatory.channel(self.timeout)
+                channel = await self._mandatory.channel(max(deadline - asyncio.get_running_loop().time(), 0.0))
                 if not channel.connection.writable_now:
-                    await _writable(channel.connection, asyncio.get_running_loop().time() + self.timeout, message)
+                    await _writable(channel.connection, deadline, message)
                 channel.returned.clear()
                 confirmed = _send(channel, message, properties)
-                async with asyncio.timeout(self.timeout):
+                async with asyncio.timeout_at(deadline):
                     await confirmed
             except PublishNotConfirmed:
                 raise
@@ -685,6 +702,8 @@ class RabbitMQTransport(Transport):
                 raise PublishNotConfirmed(
                     f"unroutable: exchange {message.exchange!r}, routing key {message.routing_key!r}"
                 )
+        finally:
+            self._returns.release()
 
     async def publish_many(self, messages: Sequence[OutgoingMessage]) -> None:
         if len(messages) == 1:

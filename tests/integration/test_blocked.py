@@ -46,15 +46,24 @@ async def test_a_publish_waits_while_the_broker_blocks_and_goes_out_when_it_unbl
 ) -> None:
     admin, exchange, queue = await setup(rabbit_factory)
     transport = await rabbit_factory()
+    await transport.publish(OutgoingMessage(exchange, "t.x", b"before"))  # the publish channel is open
+    channel = transport._confirms.channel_now()
+    assert channel is not None
+    sent = channel.unconfirmed_mark()
     broker_says(transport, cmd.Connection.Blocked(reason="low on memory"))
     publish = asyncio.ensure_future(transport.publish(OutgoingMessage(exchange, "t.x", b"held")))
-    for _ in range(5):  # let it run up to where it waits; it waits on our own state, not on time
+    for _ in range(5):  # with the channel open, nothing but the block stands between it and the socket
         await asyncio.sleep(0)
     assert not publish.done()
-    assert await admin.queue_depth(queue) == 0  # nothing was sent
+    assert channel.unconfirmed_mark() == sent  # not written
     broker_says(transport, cmd.Connection.Unblocked())
     await asyncio.wait_for(publish, 10)  # confirmed by the broker
-    assert await admin.queue_depth(queue) == 1
+    assert channel.unconfirmed_mark() == sent + 1
+
+    async def both_queued() -> bool:
+        return await admin.queue_depth(queue) == 2
+
+    await wait_for(both_queued, within=10, what="both messages in the queue")
 
 
 async def test_a_publish_blocked_past_the_timeout_fails_saying_why(
@@ -70,6 +79,30 @@ async def test_a_publish_blocked_past_the_timeout_fails_saying_why(
         with pytest.raises(PublishNotConfirmed, match="blocks publishing"):  # moves to a DLQ wait the same way
             await transport.publish(OutgoingMessage("", queue, b"never sent", mandatory=True))
         assert await admin.queue_depth(queue) == 0
+    finally:
+        await transport.close()
+
+
+async def test_moves_queued_behind_a_blocked_one_each_keep_to_the_timeout(
+    rabbit_factory: Callable[[], Awaitable[RabbitMQTransport]], amqp_url: str
+) -> None:
+    _, _, queue = await setup(rabbit_factory)
+    transport = RabbitMQTransport(amqp_url, timeout=1.0)
+    await transport.connect()
+    try:
+        broker_says(transport, cmd.Connection.Blocked(reason="low on memory"))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+
+        async def move(n: int) -> float:
+            with pytest.raises(PublishNotConfirmed):
+                await transport.publish(OutgoingMessage("", queue, str(n).encode(), mandatory=True))
+            return loop.time() - started
+
+        took = await asyncio.gather(*(move(n) for n in range(3)))
+        # One at a time on their channel, yet each fails by its own deadline, not one timeout
+        # after the one ahead of it (that was 1, 2 and 3 s).
+        assert max(took) < 1.8, took
     finally:
         await transport.close()
 

@@ -106,7 +106,6 @@ class TlsProxy:
         self.server: asyncio.Server | None = None
         self.handshakes = 0
         self.client_subjects: list[str] = []
-        self.tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> int:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.context)

@@ -65,6 +65,8 @@ class FakeConnection:
         self.port = port
         self.is_open = True
         self.on_lost: object = None
+        self.on_blocked: object = None
+        self.blocked: str | None = None
 
     async def close(self) -> None:
         self.is_open = False

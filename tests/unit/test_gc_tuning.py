@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import weakref
 from collections.abc import Iterator
 
 import pytest
@@ -27,15 +28,23 @@ def tick_agent() -> choreo.Agent[None]:
     return agent
 
 
+class Node:
+    me: object = None
+
+
 @pytest.fixture
 def fresh_gc() -> Iterator[None]:
-    """An untuned collector for this test, and the process's own put back afterwards."""
+    """An untuned collector and process for this test, and the collector put back afterwards
+    (the next worker started in this test session tunes it again)."""
     threshold = gc.get_threshold()
     gc.set_threshold(700, 10, 10)
+    worker_module.tune_gc.cache_clear()
     try:
         yield
     finally:
+        gc.unfreeze()
         gc.set_threshold(*threshold)
+        worker_module.tune_gc.cache_clear()
 
 
 def test_settings_read_gc_tuning_from_env() -> None:
@@ -50,10 +59,15 @@ def test_tune_gc_freezes_start_up_objects_and_raises_the_threshold(fresh_gc: Non
     assert gc.get_threshold() == worker_module.GC_THRESHOLD
     frozen = gc.get_freeze_count()
     assert frozen > 0
-    later = [[i] for i in range(1000)]  # objects made after start-up stay collectable
     worker_module.tune_gc()  # once per process: a second worker in it changes nothing
     assert gc.get_freeze_count() == frozen
-    assert gc.is_tracked(later[0])
+    # Garbage made after start-up is still collected, cycles included.
+    cycle = Node()
+    cycle.me = cycle
+    alive = weakref.ref(cycle)
+    del cycle
+    gc.collect()
+    assert alive() is None
 
 
 @pytest.mark.parametrize("enabled", [True, False])
