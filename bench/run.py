@@ -397,6 +397,7 @@ class Options:
     steps: tuple[str, ...]
     saga_rates: tuple[float, ...]
     saga_seconds: float
+    saga_beside: bool
     memory_count: int
     quick: bool
     output: Path | None
@@ -652,8 +653,10 @@ SAGA_AGENT_NAMES = ("inventory", "payments", "shipping", "orders")
 LAT = re.compile(r"p50=([\d.]+)ms p99=([\d.]+)ms max=([\d.]+)ms")
 
 
-def saga_choreo(run: Run, rate: float, orders: int) -> dict[str, Any]:
-    step = f"saga{rate:g}"
+def saga_choreo(run: Run, rate: float, orders: int, *, beside: Sequence[str] | None = None) -> dict[str, Any]:
+    """The choreo saga at ``rate``; with ``beside``, that command runs alongside the orders
+    (its stdout is returned as ``beside_out``)."""
+    step = f"saga{rate:g}" + ("-beside" if beside else "")
     exchange, prefix, state = run.namespace(step)
     queues: list[str] = []
     for name in SAGA_AGENT_NAMES:
@@ -684,12 +687,30 @@ def saga_choreo(run: Run, rate: float, orders: int) -> dict[str, Any]:
             *("--orders", str(orders), "--rate", f"{rate:g}", "--result", str(result_file)),
             *("--timeout", f"{orders / rate + 180:.0f}"),
         ]
+        side = (
+            subprocess.Popen(
+                list(beside), env=run.env(), cwd=tempfile.gettempdir(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
+            if beside
+            else None
+        )
         proc = run_measured(driver, env=run.env(), timeout=orders / rate + 300, what=f"saga driver at {rate:g}/s")
         window_cpu = [proc_cpu_s(w.pid) - c for w, c in zip(workers, cpu0, strict=True)]
+        beside_out = ""
+        if side is not None:
+            try:
+                out, err = side.communicate(timeout=orders / rate + 120)
+            except subprocess.TimeoutExpired as exc:
+                side.kill()
+                raise StepError("the command beside the saga did not finish") from exc
+            if side.returncode != 0:
+                raise StepError(f"the command beside the saga: exit {side.returncode}: {err.decode()[-500:]}")
+            beside_out = out.decode()
     finally:
         codes = [w.stop() for w in workers]
         run.clean(queues, exchanges)
     data: dict[str, Any] = json.loads(result_file.read_text())
+    data["beside_out"] = beside_out
     data["worker_exit_codes"] = codes
     # While the orders ran (start-up and shutdown excluded); whole processes for reference.
     data["worker_cpu_s"] = dict(zip(SAGA_AGENT_NAMES, window_cpu, strict=True))
@@ -714,6 +735,22 @@ def saga_raw(run: Run, rate: float, orders: int) -> dict[str, Any]:
     p50, p99, top = (float(v) for v in match.groups())
     net = (proc.cpu_s - startup_cpu(run, "latency")) / orders * 1e6
     return {"p50": p50, "p99": p99, "max": top, "cpu_us_per_msg": net, "wall_s": proc.wall_s}
+
+
+def saga_raw_beside(run: Run, rate: float, orders: int) -> dict[str, Any]:
+    """``raw_latency.py`` at ``rate`` while a choreo saga runs at ``rate``: a raw hop on the
+    broker as loaded as it is for the saga's hops. This saga run's own figures are not
+    reported (the extra client weighs on them); only its hop p99, for reference."""
+    cmd = [str(VENV_PY), str(SHARED / "raw_latency.py"), str(max(4, int(orders * 0.8))), f"{rate:g}"]
+    try:
+        data = saga_choreo(run, rate, orders, beside=cmd)
+    finally:
+        run.clean(*BASELINE_NAMES["latency"])
+    match = LAT.search(data["beside_out"])
+    if match is None:
+        raise StepError(f"raw_latency beside the saga: no p50/p99 in {data['beside_out'].strip()!r}")
+    p50, p99, top = (float(v) for v in match.groups())
+    return {"p50": p50, "p99": p99, "max": top, "saga_hop_p99": data["hop_ms"]["p99"]}
 
 
 # step: memory ---------------------------------------------------------------------------------------
@@ -988,6 +1025,22 @@ def saga_rows(run: Run) -> list[list[str]]:
                     f"{r['cpu_us_per_msg']:,.0f} per msg",
                 ]
             )
+        b = s.get("raw_beside")
+        if b:
+            rows.append(
+                [
+                    rate,
+                    "raw aio-pika, one hop beside a choreo saga at this rate",
+                    f"{int(s['orders'] * 0.8)}",
+                    f"≤{s['rate']:g}",
+                    "",
+                    f"{b['p50']:.2f}",
+                    f"{b['p99']:.2f}",
+                    "",
+                    "",
+                    f"(that saga run's hop p99: {b['saga_hop_p99']:.0f} ms)",
+                ]
+            )
         for key, why in s.get("errors", {}).items():
             rows.append([rate, f"{key}: failed", why, "", "", "", "", "", "", ""])
     return rows
@@ -1023,6 +1076,13 @@ def ratio_line(run: Run) -> str:
         value = ratio(c["hop_ms"]["p99"], r["p99"]) if c and r else "n/a"
         hops.append(f"{value}@{s['rate']:g}/s" + ("(saturated)" if c and saturated(c) else ""))
     parts.append("saga hop p99 choreo/raw=" + (" ".join(hops) or "n/a"))
+    beside = [
+        f"{ratio(s['choreo']['hop_ms']['p99'], s['raw_beside']['p99'])}@{s['rate']:g}/s"
+        for s in run.sagas
+        if s.get("choreo") and s.get("raw_beside")
+    ]
+    if beside:
+        parts.append("saga hop p99 choreo/raw-beside-the-saga=" + " ".join(beside))
     if run.memory:
         m = run.memory
         growth = (m["after_kb"] - m["warmed_kb"]) / 1024
@@ -1204,6 +1264,11 @@ def write_report(run: Run, path: Path, info: dict[str, str], ratios: str) -> Non
         "- Raw one-hop: `raw_latency.py N RATE` with the same N and rate: publish (confirmed) to consumer "
         "callback on one quorum queue, perf_counter resolution; it paces with `sleep(1/RATE)`, so its real "
         "rate is at most the nominal one. Its CPU is the process's, minus start-up, per message.",
+        "- Raw one-hop beside the saga (full runs, or `--saga-beside`): the choreo saga runs once more at the "
+        "same rate with `raw_latency.py` (80 % of the orders' count, same rate) alongside it, so the raw hop "
+        "crosses a broker as loaded as it is for the saga's hops. That extra saga run's figures are not "
+        "reported (the raw client weighs on them) except its hop p99, for reference. The ratio line's "
+        "`choreo/raw-beside-the-saga` is the hop p99 of the saga run without the extra client over this raw p99.",
         f"- Memory: RSS (`VmRSS`) of a choreo worker process running the bench agent, once attached and idle, "
         f"after a warm-up of {WARM_UP:,} messages (SQLite page cache and allocator pools filled), then after "
         f"{run.opts.memory_count:,} more (VmHWM = peak). Growth is counted from the warm-up.",
@@ -1284,6 +1349,12 @@ def parse(argv: Sequence[str]) -> Options:
     parser.add_argument("--profile", action="store_true", help="only profile the choreo consume path (py-spy)")
     parser.add_argument("--profile-format", choices=["raw", "flamegraph", "speedscope"], default="raw")
     parser.add_argument("--profile-rate", type=int, default=250, help="py-spy samples per second")
+    parser.add_argument(
+        "--saga-beside",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also run raw one-hop beside a choreo saga at each rate (full: on, quick: off)",
+    )
     args = parser.parse_args(argv)
     quick = bool(args.quick)
     n = args.count or (2000 if quick else 20000)
@@ -1306,6 +1377,7 @@ def parse(argv: Sequence[str]) -> Options:
         steps=steps,
         saga_rates=tuple(float(r) for r in rates.split(",") if r.strip()),
         saga_seconds=args.saga_seconds or (8.0 if quick else 20.0),
+        saga_beside=(not quick) if args.saga_beside is None else bool(args.saga_beside),
         memory_count=args.memory_count or (n if quick else 100_000),
         quick=quick,
         output=output,
@@ -1381,6 +1453,8 @@ def execute(run: Run, meter: LoadMeter) -> None:
     if "saga" in opts.steps:
         for i in range(len(opts.saga_rates)):
             plan += [("saga", c, i) for c in ("choreo", "raw") if c in opts.clients]
+            if opts.saga_beside and {"choreo", "raw"} <= set(opts.clients):
+                plan.append(("saga", "raw-beside", i))
     if "memory" in opts.steps and "choreo" in opts.clients:
         plan.append(("memory", "choreo", 0))
     for i, (step, client, index) in enumerate(plan, 1):
@@ -1435,6 +1509,11 @@ def saga_once(run: Run, client: str, index: int, prefix: str) -> str:
         say(f"{prefix} raw aio-pika one-hop latency: {orders:,} messages at {rate:g}/s")
         entry["raw"] = saga_raw(run, rate, orders)
         return f"p50 {entry['raw']['p50']:.2f} ms, p99 {entry['raw']['p99']:.2f} ms"
+    if client == "raw-beside":
+        say(f"{prefix} raw aio-pika one-hop latency at {rate:g}/s beside a {rate:g}/s choreo saga (same broker load)")
+        entry["raw_beside"] = saga_raw_beside(run, rate, orders)
+        b = entry["raw_beside"]
+        return f"p50 {b['p50']:.2f} ms, p99 {b['p99']:.2f} ms (the saga beside it: hop p99 {b['saga_hop_p99']:.0f} ms)"
     say(f"{prefix} saga: {orders:,} orders at {rate:g}/s through 4 choreo workers")
     data = saga_choreo(run, rate, orders)
     entry["choreo"] = data

@@ -23,7 +23,7 @@ def test_quick_bench_runs_and_prints_the_ratio_line(amqp_url: str) -> None:
     command = [
         sys.executable,
         str(ROOT / "bench" / "run.py"),
-        *("--quick", "--count", "300", "--only", "choreo,raw", "--saga-seconds", "2", "--no-write"),
+        *("--quick", "--count", "300", "--only", "choreo,raw", "--saga-seconds", "2", "--saga-beside", "--no-write"),
         *("--url", amqp_url),
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=ROOT, check=False)
@@ -36,6 +36,7 @@ def test_quick_bench_runs_and_prints_the_ratio_line(amqp_url: str) -> None:
         rf"publish choreo/raw={NUMBER}x",
         rf"cpu/msg choreo/raw={NUMBER}x",
         rf"saga hop p99 choreo/raw={NUMBER}x@100/s",
+        rf"saga hop p99 choreo/raw-beside-the-saga={NUMBER}x@100/s",
         rf"rss idle={NUMBER}MB warm={NUMBER}MB growth=[+-]{NUMBER}MB",
     ):
         assert re.search(pattern, last), f"{pattern!r} not in {last!r}"
