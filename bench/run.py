@@ -741,7 +741,8 @@ def saga_raw_beside(run: Run, rate: float, orders: int) -> dict[str, Any]:
     """``raw_latency.py`` at ``rate`` while a choreo saga runs at ``rate``: a raw hop on the
     broker as loaded as it is for the saga's hops. This saga run's own figures are not
     reported (the extra client weighs on them); only its hop p99, for reference."""
-    cmd = [str(VENV_PY), str(SHARED / "raw_latency.py"), str(max(4, int(orders * 0.8))), f"{rate:g}"]
+    count = max(4, int(orders * 0.8))  # done before the saga's orders are
+    cmd = [str(VENV_PY), str(SHARED / "raw_latency.py"), str(count), f"{rate:g}"]
     try:
         data = saga_choreo(run, rate, orders, beside=cmd)
     finally:
@@ -750,7 +751,7 @@ def saga_raw_beside(run: Run, rate: float, orders: int) -> dict[str, Any]:
     if match is None:
         raise StepError(f"raw_latency beside the saga: no p50/p99 in {data['beside_out'].strip()!r}")
     p50, p99, top = (float(v) for v in match.groups())
-    return {"p50": p50, "p99": p99, "max": top, "saga_hop_p99": data["hop_ms"]["p99"]}
+    return {"p50": p50, "p99": p99, "max": top, "count": count, "saga_hop_p99": data["hop_ms"]["p99"]}
 
 
 # step: memory ---------------------------------------------------------------------------------------
@@ -1031,7 +1032,7 @@ def saga_rows(run: Run) -> list[list[str]]:
                 [
                     rate,
                     "raw aio-pika, one hop beside a choreo saga at this rate",
-                    f"{int(s['orders'] * 0.8)}",
+                    f"{b['count']}",
                     f"≤{s['rate']:g}",
                     "",
                     f"{b['p50']:.2f}",

@@ -90,6 +90,9 @@ class _TurnTransaction:
         # transaction by itself.
         if not self._db.in_transaction:
             self._db.execute("BEGIN IMMEDIATE")
+        self._schedule()
+
+    def _schedule(self) -> None:
         if self._handle is None:
             self._handle = asyncio.get_running_loop().call_soon(self._commit)
 
@@ -111,16 +114,14 @@ class _TurnTransaction:
         cancelled) by the end of the turn is not made, so it holds no lease."""
         future: asyncio.Future[ClaimResult] = asyncio.get_running_loop().create_future()
         self._claims.append((agent, key, lease_s, future))
-        if self._handle is None:
-            self._handle = asyncio.get_running_loop().call_soon(self._commit)
+        self._schedule()
         return future
 
     def complete(self, agent: str, key: str) -> asyncio.Future[None]:
         """Resolved once the key is committed as done."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._completes.append((agent, key, future))
-        if self._handle is None:
-            self._handle = asyncio.get_running_loop().call_soon(self._commit)
+        self._schedule()
         return future
 
     def flush(self) -> None:

@@ -635,17 +635,16 @@ class RabbitMQTransport(Transport):
                 channel = confirms.channel_now()
                 if channel is None:
                     channel = await confirms.channel(max(deadline - loop.time(), 0.0))
-                if channel.connection.writable_now:
-                    confirmed = _send(channel, message, properties)
-                    confirms.watch(channel)
-                    await confirmed  # bounded by the confirm sweeper: one timer, not one per publish
-                    return
-                # Rare: the socket's buffer is full or the broker blocks. Keep to the deadline.
-                await _writable(channel.connection, deadline, message)
+                waited = not channel.connection.writable_now
+                if waited:  # rare: the socket's buffer is full or the broker blocks publishing
+                    await _writable(channel.connection, deadline, message)
                 confirmed = _send(channel, message, properties)
                 confirms.watch(channel)
-                async with asyncio.timeout_at(deadline):
-                    await confirmed
+                if waited:  # what is left of the deadline bounds the confirm too
+                    async with asyncio.timeout_at(deadline):
+                        await confirmed
+                else:
+                    await confirmed  # bounded by the confirm sweeper: one timer, not one per publish
                 return
             except PublishNotConfirmed:
                 raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,15 @@ def committed_rows(path: Path) -> dict[tuple[str, str], int]:
         return {(a, k): d for a, k, d in other.execute("SELECT agent, key, done FROM choreo_dedup")}
 
 
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SQLiteDedupStore]:
+    """An open store on a fresh file (``store.path``), closed after the test."""
+    opened = SQLiteDedupStore(tmp_path / "dedup.sqlite3")
+    await opened.open()
+    yield opened
+    await opened.close()
+
+
 async def test_a_turns_claims_run_together_and_each_gets_its_own_answer(tmp_path: Path) -> None:
     path = tmp_path / "dedup.sqlite3"
     store, other_agent = SQLiteDedupStore(path), SQLiteDedupStore(path)
@@ -76,8 +86,7 @@ async def test_a_turns_claims_run_together_and_each_gets_its_own_answer(tmp_path
         assert await store.claim("agent", "done", lease_s=30) == "claimed"
         await store.complete("agent", "done")
         assert await store.claim("agent", "held", lease_s=30) == "claimed"
-        assert await store.claim("agent", "expired", lease_s=0.001) == "claimed"
-        await asyncio.sleep(0.01)  # the lease of "expired" runs out (a crashed holder)
+        assert await store.claim("agent", "expired", lease_s=-1) == "claimed"  # its lease has run out: a crashed holder
         keys = ["new1", "done", "new2", "held", "new1", "expired", "new3"]
         answers = await asyncio.gather(
             *(store.claim("agent", key, lease_s=30) for key in keys),
@@ -92,59 +101,41 @@ async def test_a_turns_claims_run_together_and_each_gets_its_own_answer(tmp_path
         await store.close()
 
 
-async def test_a_claim_cancelled_before_the_turn_ends_takes_no_lease(tmp_path: Path) -> None:
-    path = tmp_path / "dedup.sqlite3"
-    store = SQLiteDedupStore(path)
-    await store.open()
-    try:
-        gone = asyncio.create_task(store.claim("agent", "k", lease_s=30))
-        kept = asyncio.create_task(store.claim("agent", "k2", lease_s=30))
-        await asyncio.sleep(0)  # both are queued in this turn
-        gone.cancel()
-        assert await kept == "claimed"
-        assert ("agent", "k") not in committed_rows(path)
-        assert await store.claim("agent", "k", lease_s=30) == "claimed"  # not held by a lost caller
-    finally:
-        await store.close()
+async def test_a_claim_cancelled_before_the_turn_ends_takes_no_lease(store: SQLiteDedupStore) -> None:
+    gone = asyncio.create_task(store.claim("agent", "k", lease_s=30))
+    kept = asyncio.create_task(store.claim("agent", "k2", lease_s=30))
+    await asyncio.sleep(0)  # both are queued in this turn
+    gone.cancel()
+    assert await kept == "claimed"
+    assert ("agent", "k") not in committed_rows(store.path)
+    assert await store.claim("agent", "k", lease_s=30) == "claimed"  # not held by a lost caller
 
 
-async def test_a_turns_completions_run_together_and_cover_a_row_deleted_by_hand(tmp_path: Path) -> None:
-    path = tmp_path / "dedup.sqlite3"
-    store = SQLiteDedupStore(path)
-    await store.open()
-    try:
-        for key in ("a", "b", "c"):
-            assert await store.claim("agent", key, lease_s=30) == "claimed"
-        store.db.execute("DELETE FROM choreo_dedup WHERE key = 'b'")  # an operator's hand
-        await asyncio.gather(*(store.complete("agent", key) for key in ("a", "b", "c")))
-        assert committed_rows(path) == {("agent", "a"): 1, ("agent", "b"): 1, ("agent", "c"): 1}
-        assert await store.claim("agent", "b", lease_s=30) == "done"
-    finally:
-        await store.close()
+async def test_a_turns_completions_run_together_and_cover_a_row_deleted_by_hand(store: SQLiteDedupStore) -> None:
+    for key in ("a", "b", "c"):
+        assert await store.claim("agent", key, lease_s=30) == "claimed"
+    store.db.execute("DELETE FROM choreo_dedup WHERE key = 'b'")  # an operator's hand
+    await asyncio.gather(*(store.complete("agent", key) for key in ("a", "b", "c")))
+    assert committed_rows(store.path) == {("agent", "a"): 1, ("agent", "b"): 1, ("agent", "c"): 1}
+    assert await store.claim("agent", "b", lease_s=30) == "done"
 
 
 async def test_a_failed_turn_fails_every_caller_and_keeps_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    store: SQLiteDedupStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = tmp_path / "dedup.sqlite3"
-    store = SQLiteDedupStore(path)
-    await store.open()
-    try:
-        assert await store.claim("agent", "old", lease_s=30) == "claimed"
+    assert await store.claim("agent", "old", lease_s=30) == "claimed"
 
-        def disk_full(*_: object) -> None:
-            raise sqlite3.OperationalError("database or disk is full")
+    def disk_full(*_: object) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
 
-        monkeypatch.setattr(sqlite_module, "_complete_many", disk_full)
-        results = await asyncio.gather(
-            store.claim("agent", "new", lease_s=30), store.complete("agent", "old"), return_exceptions=True
-        )
-        assert all(isinstance(r, sqlite3.OperationalError) for r in results)
-        assert committed_rows(path) == {("agent", "old"): 0}  # the turn's claim was rolled back
-        monkeypatch.undo()
-        assert await store.claim("agent", "new", lease_s=30) == "claimed"  # the store still works
-    finally:
-        await store.close()
+    monkeypatch.setattr(sqlite_module, "_complete_many", disk_full)
+    results = await asyncio.gather(
+        store.claim("agent", "new", lease_s=30), store.complete("agent", "old"), return_exceptions=True
+    )
+    assert all(isinstance(r, sqlite3.OperationalError) for r in results)
+    assert committed_rows(store.path) == {("agent", "old"): 0}  # the turn's claim was rolled back
+    monkeypatch.undo()
+    assert await store.claim("agent", "new", lease_s=30) == "claimed"  # the store still works
 
 
 async def test_opening_a_file_with_the_old_full_index_replaces_it(tmp_path: Path) -> None:
@@ -168,19 +159,14 @@ async def test_opening_a_file_with_the_old_full_index_replaces_it(tmp_path: Path
         await store.close()
 
 
-async def test_a_key_sqlite_cannot_store_fails_its_own_claim_only(tmp_path: Path) -> None:
-    store = SQLiteDedupStore(tmp_path / "dedup.sqlite3")
-    await store.open()
-    try:
-        bad = "lone \ud800 surrogate"  # neither JSON nor SQLite's UTF-8 can carry it
-        results = await asyncio.gather(
-            store.claim("agent", "good", lease_s=30), store.claim("agent", bad, lease_s=30), return_exceptions=True
-        )
-        assert results[0] == "claimed"
-        assert isinstance(results[1], UnicodeError)
-        assert committed_rows(tmp_path / "dedup.sqlite3") == {("agent", "good"): 0}
-    finally:
-        await store.close()
+async def test_a_key_sqlite_cannot_store_fails_its_own_claim_only(store: SQLiteDedupStore) -> None:
+    bad = "lone \ud800 surrogate"  # neither JSON nor SQLite's UTF-8 can carry it
+    results = await asyncio.gather(
+        store.claim("agent", "good", lease_s=30), store.claim("agent", bad, lease_s=30), return_exceptions=True
+    )
+    assert results[0] == "claimed"
+    assert isinstance(results[1], UnicodeError)
+    assert committed_rows(store.path) == {("agent", "good"): 0}
 
 
 async def test_the_wal_is_checkpointed_off_the_event_loop_and_the_thread_ends_on_close(tmp_path: Path) -> None:
@@ -206,32 +192,21 @@ async def test_the_wal_is_checkpointed_off_the_event_loop_and_the_thread_ends_on
 
 
 @pytest.mark.parametrize("batched", [True, False], ids=["batched", "per-key (SQLite < 3.35)"])
-async def test_keys_with_a_nul_are_claimed_and_completed_as_themselves(tmp_path: Path, batched: bool) -> None:
-    path = tmp_path / "dedup.sqlite3"
-    store = SQLiteDedupStore(path)
-    await store.open()
+async def test_keys_with_a_nul_are_claimed_and_completed_as_themselves(store: SQLiteDedupStore, batched: bool) -> None:
     store._open_shared().txn.batched = batched
-    try:
-        keys = ["evt-1\x00x", "evt-1", "evt-2"]  # json_each would read the first as "evt-1"
-        assert await asyncio.gather(*(store.claim("agent", k, lease_s=30) for k in keys)) == ["claimed"] * 3
-        await asyncio.gather(store.complete("agent", "evt-1\x00x"), store.complete("agent", "evt-2"))
-        assert committed_rows(path) == {("agent", "evt-1\x00x"): 1, ("agent", "evt-1"): 0, ("agent", "evt-2"): 1}
-    finally:
-        await store.close()
+    keys = ["evt-1\x00x", "evt-1", "evt-2"]  # json_each would read the first as "evt-1"
+    assert await asyncio.gather(*(store.claim("agent", k, lease_s=30) for k in keys)) == ["claimed"] * 3
+    await asyncio.gather(store.complete("agent", "evt-1\x00x"), store.complete("agent", "evt-2"))
+    assert committed_rows(store.path) == {("agent", "evt-1\x00x"): 1, ("agent", "evt-1"): 0, ("agent", "evt-2"): 1}
 
 
-async def test_a_turn_with_only_cancelled_claims_opens_no_transaction(tmp_path: Path) -> None:
-    store = SQLiteDedupStore(tmp_path / "dedup.sqlite3")
-    await store.open()
+async def test_a_turn_with_only_cancelled_claims_opens_no_transaction(store: SQLiteDedupStore) -> None:
     statements: list[str] = []
     store.db.set_trace_callback(statements.append)
-    try:
-        gone = asyncio.create_task(store.claim("agent", "k", lease_s=30))
-        await asyncio.sleep(0)
-        gone.cancel()
-        await asyncio.sleep(0)  # the turn's commit runs
-        await asyncio.sleep(0)
-        assert statements == []  # not even a BEGIN, which could wait for another replica's lock
-    finally:
-        store.db.set_trace_callback(None)
-        await store.close()
+    gone = asyncio.create_task(store.claim("agent", "k", lease_s=30))
+    await asyncio.sleep(0)
+    gone.cancel()
+    await asyncio.sleep(0)  # the turn's commit runs
+    await asyncio.sleep(0)
+    assert statements == []  # not even a BEGIN, which could wait for another replica's lock
+    store.db.set_trace_callback(None)
