@@ -1,4 +1,5 @@
-"""The default dedup store: one SQLite file per host (WAL mode).
+"""The default dedup store: one SQLite file per host (WAL mode); and :func:`connect`, the same
+connection set-up for an agent's own state (the example agents use it).
 
 SQLite calls are short local writes, so they run inline on the event loop rather than on a
 thread (a thread hop costs more than the write). ``synchronous=NORMAL`` in WAL mode keeps a
@@ -23,6 +24,7 @@ import contextlib
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,7 +33,7 @@ from .. import codec
 from ..log import get_logger
 from .base import ClaimResult, LeaseStoreMixin
 
-__all__ = ["SQLiteDedupStore", "connect"]
+__all__ = ["Connection", "SQLiteDedupStore", "connect"]
 
 log = get_logger("choreo.stores.sqlite")
 
@@ -54,14 +56,88 @@ CREATE INDEX IF NOT EXISTS choreo_dedup_done ON choreo_dedup (updated_at) WHERE 
 # every row (choreo_dedup_done_at); opening one drops it.
 
 
-def connect(path: str | Path) -> sqlite3.Connection:
+class _Checkpointer:
+    """Checkpoints the WAL from a thread with its own connection, every ``every_s``.
+
+    SQLite otherwise checkpoints inside a commit once the WAL holds 1000 pages, and that
+    commit, on the event loop, then waits for the checkpoint's fsyncs: milliseconds in which no
+    message of the process moves. A passive checkpoint never blocks the writer, and the
+    sqlite3 module lets go of the GIL while it runs. The loop's connection keeps a high
+    auto-checkpoint limit as a backstop should this thread ever stall.
+    """
+
+    def __init__(self, path: Path, every_s: float = 0.5) -> None:
+        self._path = path
+        self._every_s = every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="choreo-sqlite-checkpoint", daemon=True)
+        self.checkpoints = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        db: sqlite3.Connection | None = None
+        failed = False
+        while not self._stop.wait(self._every_s):
+            try:
+                if db is None:
+                    db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=True)
+                db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                self.checkpoints += 1
+                failed = False
+            except sqlite3.Error as exc:  # the backstop limit still bounds the WAL
+                if not failed:
+                    log.warning("WAL checkpoint failed; retrying", path=str(self._path), error=repr(exc))
+                failed = True
+        if db is not None:
+            db.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def stop_soon(self) -> None:
+        """Stop without waiting (from a finalizer, which must not block)."""
+        self._stop.set()
+
+
+# Pages in the WAL before the loop's own connection checkpoints (SQLite's default is 1000);
+# normally the checkpointer thread has long done it.
+_BACKSTOP_PAGES = 20_000
+
+
+class Connection(sqlite3.Connection):
+    """A connection made by :func:`connect`; :meth:`close` also stops its checkpointer thread."""
+
+    checkpointer: _Checkpointer | None = None
+
+    def close(self) -> None:
+        checkpointer, self.checkpointer = self.checkpointer, None
+        if checkpointer is not None:
+            checkpointer.stop()  # before the close, which checkpoints the rest itself
+        super().close()
+
+
+def connect(path: str | Path, *, background_checkpoints: bool = True) -> Connection:
     """A SQLite connection set up as choreo uses it: autocommit, WAL, synchronous=NORMAL, and a
-    busy timeout so replicas on one host sharing the file wait for each other's writes."""
+    busy timeout so replicas on one host sharing the file wait for each other's writes.
+
+    With ``background_checkpoints`` (the default), a thread checkpoints the WAL every 0.5 s on a
+    connection of its own and this one only past a backstop of pages, so that no commit made on
+    the event loop waits for a checkpoint's fsyncs; the thread ends with :meth:`Connection.close`
+    (or when the connection is garbage-collected).
+    """
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, factory=Connection)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
     db.execute("PRAGMA busy_timeout=5000")
+    if background_checkpoints:
+        db.execute(f"PRAGMA wal_autocheckpoint={_BACKSTOP_PAGES}")
+        checkpointer = db.checkpointer = _Checkpointer(Path(path))
+        checkpointer.start()
+        weakref.finalize(db, checkpointer.stop_soon)
     return db
 
 
@@ -165,63 +241,13 @@ class _TurnTransaction:
                 future.set_result(None)
 
 
-class _Checkpointer:
-    """Checkpoints the WAL from a thread with its own connection, every ``every_s``.
-
-    SQLite otherwise checkpoints inside a commit once the WAL holds 1000 pages, and that
-    commit, on the event loop, then waits for the checkpoint's fsyncs: milliseconds in which no
-    message of the process moves. A passive checkpoint never blocks the writer, and the
-    sqlite3 module lets go of the GIL while it runs. The loop's connection keeps a high
-    auto-checkpoint limit as a backstop should this thread ever stall.
-    """
-
-    def __init__(self, path: Path, every_s: float = 0.5) -> None:
-        self._path = path
-        self._every_s = every_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="choreo-sqlite-checkpoint", daemon=True)
-        self.checkpoints = 0
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def _run(self) -> None:
-        db: sqlite3.Connection | None = None
-        failed = False
-        while not self._stop.wait(self._every_s):
-            try:
-                if db is None:
-                    db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=True)
-                db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                self.checkpoints += 1
-                failed = False
-            except sqlite3.Error as exc:  # the backstop limit still bounds the WAL
-                if not failed:
-                    log.warning("WAL checkpoint failed; retrying", path=str(self._path), error=repr(exc))
-                failed = True
-        if db is not None:
-            db.close()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-
-# Pages in the WAL before the loop's own connection checkpoints (SQLite's default is 1000);
-# normally the checkpointer thread has long done it.
-_BACKSTOP_PAGES = 20_000
-
-
 class _Shared:
     """One connection (and turn transaction) per file and process, counted by its users."""
 
-    def __init__(self, db: sqlite3.Connection, path: Path) -> None:
+    def __init__(self, db: Connection) -> None:
         self.db = db
         self.txn = _TurnTransaction(db)
         self.users = 0
-        db.execute(f"PRAGMA wal_autocheckpoint={_BACKSTOP_PAGES}")
-        self.checkpointer = _Checkpointer(path)
-        self.checkpointer.start()
 
 
 _SHARED: dict[str, _Shared] = {}
@@ -364,7 +390,7 @@ class SQLiteDedupStore(LeaseStoreMixin):
         if shared is None:
             db = connect(self.path)
             db.executescript(_SCHEMA)
-            shared = _SHARED[key] = _Shared(db, self.path)
+            shared = _SHARED[key] = _Shared(db)
         shared.users += 1
         self._shared = shared
 
@@ -375,8 +401,7 @@ class SQLiteDedupStore(LeaseStoreMixin):
         shared.users -= 1
         if shared.users == 0:
             shared.txn.flush()
-            shared.checkpointer.stop()
-            shared.db.close()
+            shared.db.close()  # stops its checkpointer thread too
             _SHARED.pop(str(self.path.resolve()), None)
 
     async def claim(self, agent: str, key: str, *, lease_s: float) -> ClaimResult:

@@ -4,8 +4,11 @@ resume only after it, and one caller's cancellation never touches the others."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import sqlite3
-from collections.abc import AsyncIterator
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -173,7 +176,8 @@ async def test_the_wal_is_checkpointed_off_the_event_loop_and_the_thread_ends_on
     path = tmp_path / "dedup.sqlite3"
     store = SQLiteDedupStore(path)
     await store.open()
-    shared = store._open_shared()
+    checkpointer = store.db.checkpointer
+    assert checkpointer is not None
     try:
         # The loop's connection checkpoints only as a backstop, far beyond SQLite's 1000 pages.
         assert store.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == sqlite_module._BACKSTOP_PAGES
@@ -182,13 +186,13 @@ async def test_the_wal_is_checkpointed_off_the_event_loop_and_the_thread_ends_on
             await asyncio.gather(*(store.claim("agent", f"key-{n:06d}", lease_s=30) for n in range(start, start + 300)))
         # The rows reach the database file only through a checkpoint, and only the thread runs one.
         await wait_for(
-            lambda: shared.checkpointer.checkpoints > 0 and path.stat().st_size > size_before,
+            lambda: checkpointer.checkpoints > 0 and path.stat().st_size > size_before,
             within=10,
             what="the checkpointer thread to copy the WAL into the database file",
         )
     finally:
         await store.close()
-    assert not shared.checkpointer._thread.is_alive()
+    assert not checkpointer._thread.is_alive()
 
 
 @pytest.mark.parametrize("batched", [True, False], ids=["batched", "per-key (SQLite < 3.35)"])
@@ -210,3 +214,55 @@ async def test_a_turn_with_only_cancelled_claims_opens_no_transaction(store: SQL
     await asyncio.sleep(0)
     assert statements == []  # not even a BEGIN, which could wait for another replica's lock
     store.db.set_trace_callback(None)
+
+
+def test_connect_checkpoints_on_a_thread_that_ends_with_close(tmp_path: Path) -> None:
+    """Any connection from ``connect`` (the example agents' state uses it) keeps checkpoints
+    off the caller's thread: a write lands in the database file with no checkpoint on it."""
+    path = tmp_path / "state.sqlite3"
+    db = sqlite_module.connect(path)
+    checkpointer = db.checkpointer
+    assert checkpointer is not None
+    try:
+        assert db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == sqlite_module._BACKSTOP_PAGES
+        db.execute("CREATE TABLE t (n INTEGER)")
+        size_before = path.stat().st_size
+        db.execute("BEGIN")
+        db.executemany("INSERT INTO t VALUES (?)", ((n,) for n in range(5000)))
+        db.execute("COMMIT")
+        wait_for_sync(
+            lambda: checkpointer.checkpoints > 0 and path.stat().st_size > size_before,
+            what="the checkpointer thread to copy the WAL into the database file",
+        )
+    finally:
+        db.close()
+    assert not checkpointer._thread.is_alive()
+    assert db.checkpointer is None
+    db.close()  # a second close is harmless
+
+
+def test_connect_without_background_checkpoints_keeps_sqlites_own(tmp_path: Path) -> None:
+    db = sqlite_module.connect(tmp_path / "plain.sqlite3", background_checkpoints=False)
+    try:
+        assert db.checkpointer is None
+        assert db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
+    finally:
+        db.close()
+
+
+def test_an_unclosed_connection_stops_its_checkpointer_when_collected(tmp_path: Path) -> None:
+    db = sqlite_module.connect(tmp_path / "dropped.sqlite3")
+    checkpointer = db.checkpointer
+    assert checkpointer is not None
+    del db
+    gc.collect()
+    wait_for_sync(lambda: not checkpointer._thread.is_alive(), what="the checkpointer thread to end")
+
+
+def wait_for_sync(condition: Callable[[], bool], *, what: str, within: float = 10.0) -> None:
+    """Poll ``condition`` from a plain test (no loop): the checkpointer works on its own thread."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within} s waiting for {what}")
+        threading.Event().wait(0.01)
