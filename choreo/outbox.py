@@ -33,6 +33,7 @@ from .errors import ConfigError, TransportError
 from .events import Event
 from .log import get_logger
 from .publisher import new_envelope, to_message
+from .stores.base import PG_SCHEMA_LOCK, PG_SCHEMA_LOCK_SQL
 from .stores.sqlite import connect as sqlite_connect
 from .transport.base import Transport
 
@@ -99,7 +100,10 @@ async def write_postgres(conn: Any, event: Event, *, source: str, **options: Any
 
 
 async def ensure_postgres(conn: Any) -> None:
-    await conn.execute(_PG_SCHEMA)
+    """Create the outbox table if missing; safe when several relays or services start at once."""
+    async with conn.transaction():
+        await conn.execute(PG_SCHEMA_LOCK_SQL, PG_SCHEMA_LOCK, TABLE)
+        await conn.execute(_PG_SCHEMA)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,13 @@ from __future__ import annotations
 import contextlib
 from typing import Literal, Protocol
 
-__all__ = ["Claim", "ClaimResult", "DedupStore", "LeaseClaim"]
+__all__ = ["PG_SCHEMA_LOCK", "PG_SCHEMA_LOCK_SQL", "Claim", "ClaimResult", "DedupStore", "LeaseClaim"]
+
+# Workers starting together race on PostgreSQL's CREATE ... IF NOT EXISTS (the loser can fail
+# with a unique violation in the catalog), so choreo's table set-up runs under this
+# transaction-level advisory lock, keyed by (PG_SCHEMA_LOCK, hashtext(schema.table)).
+PG_SCHEMA_LOCK = 0x63686F72  # "chor"
+PG_SCHEMA_LOCK_SQL = "SELECT pg_advisory_xact_lock($1, hashtext(current_schema() || '.' || $2))"
 
 ClaimResult = Literal["claimed", "done", "busy"]
 

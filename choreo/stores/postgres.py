@@ -20,7 +20,7 @@ import asyncpg
 
 from ..agent import Context
 from ..errors import ConfigError
-from .base import Claim, ClaimResult, LeaseStoreMixin
+from .base import PG_SCHEMA_LOCK, PG_SCHEMA_LOCK_SQL, Claim, ClaimResult, LeaseStoreMixin
 
 __all__ = ["PostgresDedupStore", "connection_of"]
 
@@ -65,7 +65,8 @@ class PostgresDedupStore(LeaseStoreMixin):
         if self._pool is not None:
             return
         self._pool = await asyncpg.create_pool(self.dsn, min_size=self._sizes[0], max_size=self._sizes[1])
-        async with self._pool.acquire() as conn:
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(PG_SCHEMA_LOCK_SQL, PG_SCHEMA_LOCK, self.table)  # replicas take turns
             await conn.execute(
                 f"""
                 CREATE TABLE IF NOT EXISTS {self.table} (

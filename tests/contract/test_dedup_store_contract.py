@@ -111,6 +111,15 @@ async def test_claim_then_complete_then_done(store_factory: StoreFactory) -> Non
     assert await store.claim("b", "k1", lease_s=30) == "claimed"
 
 
+async def test_replicas_starting_together_on_a_fresh_backend_all_open(store_factory: StoreFactory) -> None:
+    """Several workers' first start at once: each creates the schema if missing, none fails
+    (PostgreSQL's CREATE TABLE IF NOT EXISTS alone is not safe against a concurrent one)."""
+    stores = [store_factory() for _ in range(8)]
+    await asyncio.gather(*(store.open() for store in stores))
+    assert await stores[0].claim("a", "k", lease_s=30) == "claimed"
+    assert await stores[-1].claim("a", "k", lease_s=30) == "busy"
+
+
 async def test_release_lets_the_message_be_tried_again(store_factory: StoreFactory) -> None:
     store = await opened(store_factory)
     assert await store.claim("a", "k", lease_s=30) == "claimed"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import sqlite3
 from pathlib import Path
@@ -83,5 +84,25 @@ async def test_postgres_outbox_relays_committed_events_in_order(settings: Settin
         await box.close()
     finally:
         await service.close()
+        await conn.execute(f"DROP SCHEMA {schema} CASCADE")
+        await conn.close()
+
+
+@pytest.mark.skipif(not reachable(PG_DSN, 5432), reason=f"no PostgreSQL at {PG_DSN}")
+async def test_services_creating_the_postgres_outbox_at_once_all_succeed() -> None:
+    schema = f"outbox_{secrets.token_hex(4)}"
+    conn = await asyncpg.connect(PG_DSN)
+    await conn.execute(f"CREATE SCHEMA {schema}")
+    services = [await asyncpg.connect(f"{PG_DSN}?options=-csearch_path%3D{schema}") for _ in range(8)]
+    try:
+        await asyncio.gather(*(ensure_postgres(service) for service in services))
+        tx = services[0].transaction()
+        await tx.start()
+        await write_postgres(services[0], Shipped(n=1), source="shop")
+        await tx.commit()
+        assert await services[-1].fetchval(f"SELECT count(*) FROM {TABLE}") == 1
+    finally:
+        for service in services:
+            await service.close()
         await conn.execute(f"DROP SCHEMA {schema} CASCADE")
         await conn.close()
