@@ -276,6 +276,45 @@ async def test_an_unanswered_request_gives_the_channel_up_but_keeps_its_number_u
     assert 1 not in conn._channels
 
 
+def broker_close(code: int, text: str) -> bytes:
+    return pamqp.frame.marshal(cmd.Channel.Close(reply_code=code, reply_text=text, class_id=50, method_id=10), 1)
+
+
+async def test_a_broker_close_crossing_ours_keeps_the_number_until_our_close_ok() -> None:
+    """Both sides close at once: we answer the broker's close, and its close-ok for ours is
+    still on the way; a new channel given the number now would take that close-ok as its reply."""
+    conn, channel, _ = await connected()
+    closing = asyncio.ensure_future(channel.close())
+    await asyncio.sleep(0)  # our channel.close is written
+    conn.data_received(broker_close(404, "NOT_FOUND"))
+    await closing  # the broker's close ends our close() too
+    assert not channel.is_open
+    assert conn._channels[1] is channel
+    conn.data_received(pamqp.frame.marshal(cmd.Channel.CloseOk(), 1))
+    assert 1 not in conn._channels
+    assert conn.is_open
+
+
+async def test_a_broker_close_crossing_the_close_of_a_given_up_channel_keeps_its_number() -> None:
+    conn, channel, _ = await connected()
+    conn.rpc_timeout = 0.05
+    with pytest.raises(ReplyTimeoutError):
+        await channel.qos(10)  # given up: a channel.close is sent
+    conn.data_received(broker_close(406, "PRECONDITION_FAILED"))
+    assert conn._channels[1] is channel
+    conn.data_received(pamqp.frame.marshal(cmd.Channel.CloseOk(), 1))
+    assert 1 not in conn._channels
+
+
+async def test_a_broker_close_alone_frees_the_number_once_answered() -> None:
+    conn, channel, _ = await connected()
+    conn.data_received(broker_close(404, "NOT_FOUND"))
+    assert not channel.is_open
+    assert 1 not in conn._channels
+    await asyncio.sleep(0)  # writes of this turn go out in the next
+    assert pamqp.frame.marshal(cmd.Channel.CloseOk(), 1) in b"".join(conn._transport.written)  # type: ignore[union-attr]
+
+
 async def test_a_late_get_ok_on_a_given_up_channel_is_skipped_with_its_content() -> None:
     conn, channel, _ = await connected()
     conn.rpc_timeout = 0.05

@@ -206,6 +206,9 @@ class Channel:
         self.on_close: list[Callable[[TransportError], None]] = []
         self.returned: list[Message] = []  # mandatory publishes the broker returned
         self._rpc: collections.deque[tuple[tuple[type[Frame], ...], asyncio.Future[Any]]] = collections.deque()
+        # Once we sent a channel.close, only its close-ok frees the number: a close from the
+        # broker crossing ours is answered, and the broker still sends the close-ok for ours.
+        self._close_sent = False
         self._incoming: Message | None = None
         self._incoming_kind = _INCOMING_DELIVERY
         self._incoming_left = 0
@@ -240,6 +243,8 @@ class Channel:
         future: asyncio.Future[Any] = self.connection.loop.create_future()
         self._rpc.append((expect, future))
         self.connection.write(frames.encode_method(self.number, method))
+        if isinstance(method, Channel_.Close):
+            self._close_sent = True
         within = self.connection.rpc_timeout
         try:
             async with asyncio.timeout(within):
@@ -269,6 +274,7 @@ class Channel:
                     self.number, Channel_.Close(reply_code=200, reply_text=reason, class_id=0, method_id=0)
                 )
             )
+            self._close_sent = True
 
     async def qos(self, prefetch_count: int) -> None:
         await self.rpc(Basic.Qos(prefetch_count=prefetch_count), Basic.QosOk)
@@ -437,7 +443,9 @@ class Channel:
         if self.closed is not None:  # abandoned: only its close matters now
             if isinstance(method, Channel_.Close):
                 self.connection.write(frames.encode_method(self.number, Channel_.CloseOk()))
-            if isinstance(method, Channel_.Close | Channel_.CloseOk):
+                if not self._close_sent:
+                    self.connection._forget(self)
+            elif isinstance(method, Channel_.CloseOk):
                 self.connection._forget(self)
             elif isinstance(method, Basic.GetOk | Basic.Return):  # its content follows: skip it
                 self._on_content_method(Message(self, "", 0, False, "", ""), _INCOMING_DISCARD)
@@ -446,7 +454,8 @@ class Channel:
             self._hand_out()  # deliveries that came before it in this read still reach the consumer
         if isinstance(method, Channel_.Close):
             self.connection.write(frames.encode_method(self.number, Channel_.CloseOk()))
-            self._closed(ChannelClosedError(method.reply_code or 0, method.reply_text))
+            # Crossing our own close: the number stays taken until that close's close-ok.
+            self._closed(ChannelClosedError(method.reply_code or 0, method.reply_text), forget=not self._close_sent)
         elif isinstance(method, Basic.GetOk):
             message = Message(
                 self, "", method.delivery_tag or 0, method.redelivered, method.exchange, method.routing_key or ""
