@@ -253,6 +253,7 @@ class Observer:
         self._channel: Any = None
         self._all: Any = None
         self._ends: Any = None
+        self._received = 0  # deliveries read from the full tap, copies included
 
     async def start(self) -> None:
         import aio_pika
@@ -270,29 +271,38 @@ class Observer:
         declared = await self._channel.declare_queue(queue.name, passive=True)
         return int(declared.declaration_result.message_count)
 
-    async def wait_ended(self, orders: int, *, timeout_s: float, every_s: float = 0.2) -> None:
-        """Until ``orders`` terminal events have been published (or ``timeout_s`` passes)."""
+    async def wait_ended(self, orders: int, *, timeout_s: float, every_s: float = 0.2) -> bool:
+        """Until ``orders`` terminal events have been published; False if ``timeout_s`` passed
+        first. A terminal event re-emitted after a redelivery counts twice here: :meth:`drain`
+        then waits for the rest."""
         deadline = asyncio.get_running_loop().time() + timeout_s
         # Polled: the count lives on the broker, and nothing here is told when it changes.
-        while await self._count(self._ends) < orders and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
+        while await self._count(self._ends) < orders:
+            if asyncio.get_running_loop().time() > deadline:
+                return False
             await asyncio.sleep(every_s)
+        return True
 
-    async def drain(self, *, settle_s: float = 0.2) -> None:
-        """Read the full tap until the broker holds none of it and nothing more arrived for
-        ``settle_s`` (deliveries already on the wire when the count reads zero still land)."""
+    async def drain(self, *, orders: int, timeout_s: float, settle_s: float = 0.2) -> None:
+        """Read the full tap until the broker holds none of it, nothing more arrived for
+        ``settle_s`` (deliveries on the wire when the count reads zero still land) and the
+        terminal events of ``orders`` distinct orders were read; at most ``timeout_s``."""
         await self._all.consume(self._on_event, no_ack=True)
+        deadline = asyncio.get_running_loop().time() + timeout_s
         seen = -1
-        while True:
+        while asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(settle_s)
-            if await self._count(self._all) == 0 and len(self.events) == seen:
+            quiet = await self._count(self._all) == 0 and self._received == seen
+            if quiet and len(self.terminal) >= orders:
                 return
-            seen = len(self.events)
+            seen = self._received
 
     async def close(self) -> None:
         if self._conn is not None:
             await self._conn.close()
 
     async def _on_event(self, message: Any) -> None:
+        self._received += 1
         body = orjson.loads(message.body)
         payload = body.get("payload") or {}
         seen = Seen(
@@ -348,9 +358,10 @@ async def saga(args: argparse.Namespace) -> dict[str, Any]:
                 tasks.append(asyncio.create_task(publisher.publish(plan.event)))
             sent_s = loop.time() - t0
             await asyncio.gather(*tasks)
-            await observer.wait_ended(len(plans), timeout_s=args.timeout)
+            ended = await observer.wait_ended(len(plans), timeout_s=args.timeout)
             await asyncio.sleep(0.5)  # stragglers (compensations racing the last terminal)
-            await observer.drain()
+            # After a timeout some orders never ended: read what there is, waiting for no more.
+            await observer.drain(orders=len(plans) if ended else 0, timeout_s=args.timeout)
     finally:
         await observer.close()
     report = saga_report(args, plans=plans, observer=observer, sent_s=sent_s, audit_cls=AuditLog, verify=verify)

@@ -100,8 +100,11 @@ async def write_postgres(conn: Any, event: Event, *, source: str, **options: Any
 
 
 async def ensure_postgres(conn: Any) -> None:
-    """Create the outbox table if missing; safe when several relays or services start at once."""
-    async with conn.transaction():
+    """Create the outbox table if missing; safe when several relays or services start at once.
+    Inside the caller's transaction it joins it, and others starting meanwhile wait for its end."""
+    async with contextlib.AsyncExitStack() as stack:
+        if not conn.is_in_transaction():  # the lock lasts as long as the transaction
+            await stack.enter_async_context(conn.transaction())
         await conn.execute(PG_SCHEMA_LOCK_SQL, PG_SCHEMA_LOCK, TABLE)
         await conn.execute(_PG_SCHEMA)
 

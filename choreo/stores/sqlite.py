@@ -81,8 +81,8 @@ class _Checkpointer:
         failed = False
         while not self._stop.wait(self._every_s):
             try:
-                if db is None:
-                    db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=True)
+                if db is None:  # read-write, never create: the file is the connection's own
+                    db = sqlite3.connect(f"{self._path.as_uri()}?mode=rw", uri=True, isolation_level=None)
                 db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
                 self.checkpoints += 1
                 failed = False
@@ -125,17 +125,22 @@ def connect(path: str | Path, *, background_checkpoints: bool = True) -> Connect
 
     With ``background_checkpoints`` (the default), a thread checkpoints the WAL every 0.5 s on a
     connection of its own and this one only past a backstop of pages, so that no commit made on
-    the event loop waits for a checkpoint's fsyncs; the thread ends with :meth:`Connection.close`
-    (or when the connection is garbage-collected).
+    the event loop waits for a checkpoint's fsyncs. The thread ends with
+    :meth:`Connection.close`, which waits for a checkpoint under way, or when the connection is
+    garbage-collected. It is not started for a database without a file (``:memory:``) or not in
+    WAL mode, and does not survive ``fork()``: connect in the process that uses the connection.
     """
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, factory=Connection)
-    db.execute("PRAGMA journal_mode=WAL")
+    wal = db.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
     db.execute("PRAGMA synchronous=NORMAL")
     db.execute("PRAGMA busy_timeout=5000")
-    if background_checkpoints:
+    # The file SQLite opened, as an absolute path ('' without one): a later chdir() or a
+    # relative ``path`` cannot point the thread at another file.
+    file = next((row[2] for row in db.execute("PRAGMA database_list") if row[1] == "main"), "")
+    if background_checkpoints and wal and file:
         db.execute(f"PRAGMA wal_autocheckpoint={_BACKSTOP_PAGES}")
-        checkpointer = db.checkpointer = _Checkpointer(Path(path))
+        checkpointer = db.checkpointer = _Checkpointer(Path(file))
         checkpointer.start()
         weakref.finalize(db, checkpointer.stop_soon)
     return db

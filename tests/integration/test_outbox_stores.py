@@ -106,3 +106,21 @@ async def test_services_creating_the_postgres_outbox_at_once_all_succeed() -> No
             await service.close()
         await conn.execute(f"DROP SCHEMA {schema} CASCADE")
         await conn.close()
+
+
+@pytest.mark.skipif(not reachable(PG_DSN, 5432), reason=f"no PostgreSQL at {PG_DSN}")
+async def test_ensure_postgres_inside_the_callers_own_transaction() -> None:
+    schema = f"outbox_{secrets.token_hex(4)}"
+    conn = await asyncpg.connect(PG_DSN)
+    await conn.execute(f"CREATE SCHEMA {schema}")
+    service = await asyncpg.connect(f"{PG_DSN}?options=-csearch_path%3D{schema}")
+    try:
+        await service.execute("BEGIN")  # a transaction asyncpg did not start
+        await ensure_postgres(service)
+        await write_postgres(service, Shipped(n=1), source="shop")
+        await service.execute("COMMIT")
+        assert await service.fetchval(f"SELECT count(*) FROM {TABLE}") == 1
+    finally:
+        await service.close()
+        await conn.execute(f"DROP SCHEMA {schema} CASCADE")
+        await conn.close()

@@ -290,9 +290,37 @@ async def test_a_broker_close_crossing_ours_keeps_the_number_until_our_close_ok(
     await closing  # the broker's close ends our close() too
     assert not channel.is_open
     assert conn._channels[1] is channel
+    await asyncio.sleep(0)  # writes of this turn go out in the next
+    assert written_methods(conn) == [cmd.Channel.Close, cmd.Channel.CloseOk]  # ours, then the answer to theirs
     conn.data_received(pamqp.frame.marshal(cmd.Channel.CloseOk(), 1))
     assert 1 not in conn._channels
     assert conn.is_open
+
+
+def written_methods(conn: Connection) -> list[type]:
+    """The classes of the method frames written so far."""
+    data = b"".join(conn._transport.written)  # type: ignore[union-attr]
+    methods: list[type] = []
+    while data:
+        consumed, _channel, frame = pamqp.frame.unmarshal(data)
+        data = data[consumed:]
+        methods.append(type(frame))
+    return methods
+
+
+async def test_only_one_channel_close_is_ever_sent() -> None:
+    """A second close (another close() call, or a request given up while the close waits)
+    would get a second close-ok, which could reach a new channel given the number."""
+    conn, channel, _ = await connected()
+    conn.rpc_timeout = 0.05
+    first = asyncio.ensure_future(channel.close())
+    second = asyncio.ensure_future(channel.close())
+    with pytest.raises(ReplyTimeoutError):
+        await channel.qos(10)  # given up while the close waits for its close-ok
+    conn.data_received(pamqp.frame.marshal(cmd.Channel.CloseOk(), 1))
+    await asyncio.gather(first, second)
+    assert written_methods(conn) == [cmd.Basic.Qos, cmd.Channel.Close]
+    assert 1 not in conn._channels
 
 
 async def test_a_broker_close_crossing_the_close_of_a_given_up_channel_keeps_its_number() -> None:

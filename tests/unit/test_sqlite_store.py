@@ -266,3 +266,30 @@ def wait_for_sync(condition: Callable[[], bool], *, what: str, within: float = 1
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {within} s waiting for {what}")
         threading.Event().wait(0.01)
+
+
+def test_the_checkpointer_follows_the_opened_file_not_a_relative_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    db = sqlite_module.connect("state.sqlite3")
+    checkpointer = db.checkpointer
+    assert checkpointer is not None
+    try:
+        monkeypatch.chdir(tmp_path / "b")  # a relative path would now name another file
+        db.execute("CREATE TABLE t (n INTEGER)")
+        db.execute("INSERT INTO t VALUES (1)")
+        wait_for_sync(lambda: checkpointer.checkpoints > 0, what="a checkpoint")
+    finally:
+        db.close()
+    assert not (tmp_path / "b" / "state.sqlite3").exists()  # the thread never creates a file
+
+
+def test_no_checkpointer_without_a_file(tmp_path: Path) -> None:
+    db = sqlite_module.connect(":memory:")
+    try:
+        assert db.checkpointer is None
+    finally:
+        db.close()

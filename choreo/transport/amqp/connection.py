@@ -266,7 +266,7 @@ class Channel:
         if self.closed is not None:
             return
         self._closed(ReplyTimeoutError(reason), forget=False)
-        if not send_close:  # a close is on its way already; its close-ok frees the number
+        if not send_close or self._close_sent:  # a close is on its way already; its close-ok frees the number
             return
         with contextlib.suppress(TransportError):
             self.connection.write(
@@ -343,7 +343,7 @@ class Channel:
                 future.set_exception(exc)
 
     async def close(self) -> None:
-        if self.closed is not None:
+        if self.closed is not None or self._close_sent:  # closed, or a close is on its way
             return
         with contextlib.suppress(TransportError):
             await self.rpc(
