@@ -33,7 +33,7 @@ from .errors import ConfigError, TransportError
 from .events import Event
 from .log import get_logger
 from .publisher import new_envelope, to_message
-from .stores.base import PG_SCHEMA_LOCK, PG_SCHEMA_LOCK_SQL
+from .stores.base import ensure_pg_schema
 from .stores.sqlite import connect as sqlite_connect
 from .transport.base import Transport
 
@@ -102,11 +102,7 @@ async def write_postgres(conn: Any, event: Event, *, source: str, **options: Any
 async def ensure_postgres(conn: Any) -> None:
     """Create the outbox table if missing; safe when several relays or services start at once.
     Inside the caller's transaction it joins it, and others starting meanwhile wait for its end."""
-    async with contextlib.AsyncExitStack() as stack:
-        if not conn.is_in_transaction():  # the lock lasts as long as the transaction
-            await stack.enter_async_context(conn.transaction())
-        await conn.execute(PG_SCHEMA_LOCK_SQL, PG_SCHEMA_LOCK, TABLE)
-        await conn.execute(_PG_SCHEMA)
+    await ensure_pg_schema(conn, TABLE, _PG_SCHEMA)
 
 
 @dataclass(frozen=True)

@@ -20,15 +20,28 @@ commit together with the dedup mark (a transactional inbox).
 from __future__ import annotations
 
 import contextlib
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
-__all__ = ["PG_SCHEMA_LOCK", "PG_SCHEMA_LOCK_SQL", "Claim", "ClaimResult", "DedupStore", "LeaseClaim"]
+__all__ = ["Claim", "ClaimResult", "DedupStore", "LeaseClaim", "ensure_pg_schema"]
 
 # Workers starting together race on PostgreSQL's CREATE ... IF NOT EXISTS (the loser can fail
-# with a unique violation in the catalog), so choreo's table set-up runs under this
-# transaction-level advisory lock, keyed by (PG_SCHEMA_LOCK, hashtext(schema.table)).
-PG_SCHEMA_LOCK = 0x63686F72  # "chor"
-PG_SCHEMA_LOCK_SQL = "SELECT pg_advisory_xact_lock($1, hashtext(current_schema() || '.' || $2))"
+# with a unique violation in the catalog), so choreo's table set-up runs under a
+# transaction-level advisory lock of this class, keyed by hashtext(schema.table).
+_PG_SCHEMA_LOCK = 0x63686F72  # "chor"
+
+
+async def ensure_pg_schema(conn: Any, table: str, ddl: str) -> None:
+    """Run ``ddl`` (``CREATE ... IF NOT EXISTS`` for ``table``) on an asyncpg connection, one
+    starter at a time. Inside the caller's transaction it joins it, and others starting
+    meanwhile wait for that transaction's end (the lock lasts as long as it)."""
+    async with contextlib.AsyncExitStack() as stack:
+        if not conn.is_in_transaction():
+            await stack.enter_async_context(conn.transaction())
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock($1, hashtext(current_schema() || '.' || $2))", _PG_SCHEMA_LOCK, table
+        )
+        await conn.execute(ddl)
+
 
 ClaimResult = Literal["claimed", "done", "busy"]
 

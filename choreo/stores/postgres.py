@@ -20,7 +20,7 @@ import asyncpg
 
 from ..agent import Context
 from ..errors import ConfigError
-from .base import PG_SCHEMA_LOCK, PG_SCHEMA_LOCK_SQL, Claim, ClaimResult, LeaseStoreMixin
+from .base import Claim, ClaimResult, LeaseStoreMixin, ensure_pg_schema
 
 __all__ = ["PostgresDedupStore", "connection_of"]
 
@@ -65,9 +65,10 @@ class PostgresDedupStore(LeaseStoreMixin):
         if self._pool is not None:
             return
         self._pool = await asyncpg.create_pool(self.dsn, min_size=self._sizes[0], max_size=self._sizes[1])
-        async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute(PG_SCHEMA_LOCK_SQL, PG_SCHEMA_LOCK, self.table)  # replicas take turns
-            await conn.execute(
+        async with self._pool.acquire() as conn:
+            await ensure_pg_schema(
+                conn,
+                self.table,
                 f"""
                 CREATE TABLE IF NOT EXISTS {self.table} (
                     agent text NOT NULL,
@@ -78,7 +79,7 @@ class PostgresDedupStore(LeaseStoreMixin):
                     PRIMARY KEY (agent, key)
                 );
                 CREATE INDEX IF NOT EXISTS {self.table}_done_at ON {self.table} (updated_at) WHERE done;
-                """
+                """,
             )
 
     async def close(self) -> None:

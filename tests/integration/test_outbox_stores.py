@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import sqlite3
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
@@ -60,12 +61,23 @@ async def test_sqlite_outbox_relays_committed_events_in_order(settings: Settings
     await box.close()
 
 
-@pytest.mark.skipif(not reachable(PG_DSN, 5432), reason=f"no PostgreSQL at {PG_DSN}")
-async def test_postgres_outbox_relays_committed_events_in_order(settings: Settings) -> None:
+@pytest.fixture
+async def schema_dsn() -> AsyncIterator[str]:
+    """A DSN whose search path is a fresh schema of its own, dropped after the test."""
+    if not reachable(PG_DSN, 5432):
+        pytest.skip(f"no PostgreSQL at {PG_DSN}")
     schema = f"outbox_{secrets.token_hex(4)}"
     conn = await asyncpg.connect(PG_DSN)
     await conn.execute(f"CREATE SCHEMA {schema}")
-    dsn_conn = f"{PG_DSN}?options=-csearch_path%3D{schema}"
+    try:
+        yield f"{PG_DSN}?options=-csearch_path%3D{schema}"
+    finally:
+        await conn.execute(f"DROP SCHEMA {schema} CASCADE")
+        await conn.close()
+
+
+async def test_postgres_outbox_relays_committed_events_in_order(settings: Settings, schema_dsn: str) -> None:
+    dsn_conn = schema_dsn
     service = await asyncpg.connect(dsn_conn)
     try:
         await ensure_postgres(service)
@@ -84,16 +96,10 @@ async def test_postgres_outbox_relays_committed_events_in_order(settings: Settin
         await box.close()
     finally:
         await service.close()
-        await conn.execute(f"DROP SCHEMA {schema} CASCADE")
-        await conn.close()
 
 
-@pytest.mark.skipif(not reachable(PG_DSN, 5432), reason=f"no PostgreSQL at {PG_DSN}")
-async def test_services_creating_the_postgres_outbox_at_once_all_succeed() -> None:
-    schema = f"outbox_{secrets.token_hex(4)}"
-    conn = await asyncpg.connect(PG_DSN)
-    await conn.execute(f"CREATE SCHEMA {schema}")
-    services = [await asyncpg.connect(f"{PG_DSN}?options=-csearch_path%3D{schema}") for _ in range(8)]
+async def test_services_creating_the_postgres_outbox_at_once_all_succeed(schema_dsn: str) -> None:
+    services = [await asyncpg.connect(schema_dsn) for _ in range(8)]
     try:
         await asyncio.gather(*(ensure_postgres(service) for service in services))
         tx = services[0].transaction()
@@ -104,16 +110,10 @@ async def test_services_creating_the_postgres_outbox_at_once_all_succeed() -> No
     finally:
         for service in services:
             await service.close()
-        await conn.execute(f"DROP SCHEMA {schema} CASCADE")
-        await conn.close()
 
 
-@pytest.mark.skipif(not reachable(PG_DSN, 5432), reason=f"no PostgreSQL at {PG_DSN}")
-async def test_ensure_postgres_inside_the_callers_own_transaction() -> None:
-    schema = f"outbox_{secrets.token_hex(4)}"
-    conn = await asyncpg.connect(PG_DSN)
-    await conn.execute(f"CREATE SCHEMA {schema}")
-    service = await asyncpg.connect(f"{PG_DSN}?options=-csearch_path%3D{schema}")
+async def test_ensure_postgres_inside_the_callers_own_transaction(schema_dsn: str) -> None:
+    service = await asyncpg.connect(schema_dsn)
     try:
         await service.execute("BEGIN")  # a transaction asyncpg did not start
         await ensure_postgres(service)
@@ -122,5 +122,3 @@ async def test_ensure_postgres_inside_the_callers_own_transaction() -> None:
         assert await service.fetchval(f"SELECT count(*) FROM {TABLE}") == 1
     finally:
         await service.close()
-        await conn.execute(f"DROP SCHEMA {schema} CASCADE")
-        await conn.close()
