@@ -84,10 +84,13 @@ async def test_broker_closing_every_connection_mid_run_loses_nothing(
     plans = plan_orders(1000, seed=5, run_id="cc-")
     run = SagaRun(await rabbit_factory(), settings, plans, in_process=False)
     async with run:
-        publishing = asyncio.create_task(run.publish_all(duplicate_every=50, inject_bad=False))
+        # Paced, so the orders outlast the close: unpaced, a fast worker set can end all 1000
+        # while rabbitmqctl is still starting, and the test would prove nothing.
+        publishing = asyncio.create_task(run.publish_all(duplicate_every=50, inject_bad=False, rate=150))
         await wait_for(lambda: run.ended >= 100, within=120, what="the run to get going")
         await close_all_connections("chaos test")
         ended_at_close = run.ended
+        assert not publishing.done(), "every order was published before the connections closed"
         await publishing
         await run.wait(timeout_s=240)
     report = run.finish()
