@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import resource
 import signal
 import sys
@@ -98,6 +99,8 @@ def settings_from(args: argparse.Namespace) -> choreo.Settings:
         prefetch=args.prefetch,
         keyring=choreo.Keyring.hmac((args.kid, args.secret)),
         shutdown_grace_s=30.0,
+        # The one tuning knob the bench passes through, so its effect can be compared in place.
+        settle_window_ms=int(os.environ.get("CHOREO_SETTLE_WINDOW_MS", choreo.Settings.settle_window_ms)),
     )
 
 

@@ -15,6 +15,7 @@
 | CHOREO_DEDUP_URL | sqlite: | dedup store: sqlite:[///path], postgresql://..., redis://..., memory: |
 | CHOREO_DEDUP_TRANSACTIONAL | 0 | PostgreSQL only: handler writes and dedup mark commit together |
 | CHOREO_DEDUP_LEASE_S | 30 | claim lease, renewed while the handler runs; a crashed holder's claims free up after it |
+| CHOREO_SETTLE_WINDOW_MS | 10 | a handled message's done mark, then its ack, each wait at most this long for company |
 | CHOREO_DEDUP_RETENTION_S | 604800 | how long done keys are kept (duplicates later than this are not caught) |
 | CHOREO_HTTP_PORT | (off) | worker HTTP port for /metrics, /healthz, /readyz (0: any free port) |
 | CHOREO_HEARTBEAT_S | 5 | heartbeat interval on the control exchange (0: none) |
@@ -81,6 +82,7 @@ class Settings:
     dedup_transactional: bool = False
     dedup_retention_s: float = 7 * 86400.0
     dedup_lease_s: float = 30.0
+    settle_window_ms: int = 10  # see choreo.transport.rabbitmq._Acks and the SQLite store
     http_port: int | None = None  # /metrics, /healthz, /readyz; None: no HTTP server
     heartbeat_s: float = 5.0  # 0: no heartbeats
     gc_tuning: bool = True  # see choreo.worker.tune_gc
@@ -106,6 +108,7 @@ class Settings:
             dedup_transactional=env.get("CHOREO_DEDUP_TRANSACTIONAL", "").lower() in {"1", "true", "yes"},
             dedup_retention_s=float(_int(env, "CHOREO_DEDUP_RETENTION_S", 7 * 86400, minimum=1)),
             dedup_lease_s=float(_int(env, "CHOREO_DEDUP_LEASE_S", 30, minimum=1)),
+            settle_window_ms=_int(env, "CHOREO_SETTLE_WINDOW_MS", 10),
             http_port=_int(env, "CHOREO_HTTP_PORT", 0) if env.get("CHOREO_HTTP_PORT") else None,
             heartbeat_s=_float(env, "CHOREO_HEARTBEAT_S", 5.0),
             gc_tuning=env.get("CHOREO_GC_TUNING", "1").lower() not in {"0", "false", "no"},

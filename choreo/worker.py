@@ -70,7 +70,11 @@ class Worker:
         if transport is None:
             from .transport.rabbitmq import RabbitMQTransport
 
-            transport = RabbitMQTransport(self.settings.amqp_url, connection_name=f"choreo-worker:{','.join(names)}")
+            transport = RabbitMQTransport(
+                self.settings.amqp_url,
+                connection_name=f"choreo-worker:{','.join(names)}",
+                ack_window_s=self.settings.settle_window_ms / 1000,
+            )
         self.transport = transport
         self.metrics = metrics or Metrics()
         self.runtimes = [AgentRuntime(agent, transport, self.settings, metrics=self.metrics) for agent in agents]

@@ -7,6 +7,7 @@ reason. Each test gets its own exchange and queue prefix, deleted afterwards.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import socket
@@ -22,6 +23,13 @@ from choreo.transport import InMemoryBroker, Transport
 from choreo.transport.rabbitmq import RabbitMQTransport
 
 SECRET = "test-secret"
+
+
+async def turns(n: int = 5) -> None:
+    """Let ``n`` event-loop turns pass: to show something did *not* happen in them (a held ack
+    or commit), where waiting on a condition would only prove the opposite."""
+    for _ in range(n):
+        await asyncio.sleep(0)
 
 
 def free_port() -> int:

@@ -34,7 +34,11 @@ def dedup_store_for(settings: Settings, agent: str) -> DedupStore:
     scheme = url.split(":", 1)[0].lower()
     if scheme == "sqlite":
         path = url[len("sqlite://") :] if url.startswith("sqlite://") else ""
-        return SQLiteDedupStore(path or settings.state_dir / f"{agent}.dedup.sqlite3")
+        return SQLiteDedupStore(
+            path or settings.state_dir / f"{agent}.dedup.sqlite3",
+            complete_window_s=settings.settle_window_ms / 1000,
+            complete_batch=settings.prefetch // 4,  # as the transport's acks
+        )
     if scheme in {"postgres", "postgresql"}:
         from .postgres import PostgresDedupStore
 

@@ -150,16 +150,33 @@ class _TurnTransaction:
     """The write transaction of the current event-loop turn on one connection.
 
     Claims and completions are queued during the turn and run at its end as one statement each
-    (per agent), just before the commit; other operations run at once.
+    (per agent), just before the commit; other operations run at once. With a completion window,
+    completions alone do not end the turn's transaction: they wait for the next commit that
+    something else asks for (a claim, in a busy worker), for ``complete_batch`` of them, or for
+    the window to pass. The batch keeps a consumer with a small prefetch from paying the whole
+    window on every message: no claim can come while every unacked delivery waits for its mark.
     """
 
-    __slots__ = ("_claims", "_completes", "_db", "_handle", "_waiters", "batched")
+    __slots__ = (
+        "_claims",
+        "_completes",
+        "_db",
+        "_handle",
+        "_later",
+        "_waiters",
+        "batched",
+        "complete_batch",
+        "complete_window_s",
+    )
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, complete_window_s: float = 0.0, complete_batch: int = 1) -> None:
         self._db = db
+        self.complete_window_s = complete_window_s
+        self.complete_batch = max(1, complete_batch)
         # One statement for many keys needs RETURNING (SQLite 3.35) and json_each.
         self.batched = _can_batch(db)
         self._handle: asyncio.Handle | None = None  # the scheduled commit
+        self._later = False  # the scheduled commit is the completion window's end, not this turn's
         # One future per waiter: a waiter cancelled (its delivery's channel closed) cancels its
         # own future only, never the others'.
         self._waiters: list[asyncio.Future[None]] = []
@@ -174,8 +191,24 @@ class _TurnTransaction:
         self._schedule()
 
     def _schedule(self) -> None:
+        """Commit at the end of this turn (bringing forward a completion window's commit)."""
+        if self._handle is not None and self._later:
+            self._handle.cancel()
+            self._handle = None
         if self._handle is None:
+            self._later = False
             self._handle = asyncio.get_running_loop().call_soon(self._commit)
+
+    def _schedule_completion(self) -> None:
+        if self._handle is not None and not self._later:
+            return  # this turn's commit is coming anyway
+        if self.complete_window_s <= 0 or len(self._completes) >= self.complete_batch:
+            self._schedule()
+            return
+        if self._handle is not None:
+            return  # the window's end is set already
+        self._later = True
+        self._handle = asyncio.get_running_loop().call_later(self.complete_window_s, self._commit)
 
     def run(self, op: Callable[..., _T], *args: Any) -> _T:
         """Run ``op(db, *args)`` now, in this turn's transaction (begun if need be)."""
@@ -199,10 +232,10 @@ class _TurnTransaction:
         return future
 
     def complete(self, agent: str, key: str) -> asyncio.Future[None]:
-        """Resolved once the key is committed as done."""
+        """Resolved once the key is committed as done (at most the completion window later)."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._completes.append((agent, key, future))
-        self._schedule()
+        self._schedule_completion()
         return future
 
     def flush(self) -> None:
@@ -213,6 +246,7 @@ class _TurnTransaction:
 
     def _commit(self) -> None:
         self._handle = None
+        self._later = False
         waiters, self._waiters = self._waiters, []
         claims, self._claims = [c for c in self._claims if not c[3].done()], []
         completes, self._completes = self._completes, []
@@ -249,9 +283,9 @@ class _TurnTransaction:
 class _Shared:
     """One connection (and turn transaction) per file and process, counted by its users."""
 
-    def __init__(self, db: Connection) -> None:
+    def __init__(self, db: Connection, complete_window_s: float = 0.0, complete_batch: int = 1) -> None:
         self.db = db
-        self.txn = _TurnTransaction(db)
+        self.txn = _TurnTransaction(db, complete_window_s, complete_batch)
         self.users = 0
 
 
@@ -374,8 +408,18 @@ def _complete(db: sqlite3.Connection, agent: str, key: str) -> None:
 
 
 class SQLiteDedupStore(LeaseStoreMixin):
-    def __init__(self, path: str | Path) -> None:
+    """``complete_window_s``: how long a completion may wait to share a commit (with the next
+    claims, or with other completions) before it is committed on its own; 0 commits it at the
+    end of its loop turn. ``complete_batch`` completions waiting commit at once (a quarter of
+    the consumer's prefetch: see :class:`_TurnTransaction`). :meth:`complete` returns only once
+    the mark is committed either way. Stores of one process on the same file share one
+    transaction and the first one's window and batch.
+    """
+
+    def __init__(self, path: str | Path, *, complete_window_s: float = 0.0, complete_batch: int = 1) -> None:
         self.path = Path(path)
+        self.complete_window_s = complete_window_s
+        self.complete_batch = complete_batch
         self._shared: _Shared | None = None
 
     @property
@@ -395,7 +439,7 @@ class SQLiteDedupStore(LeaseStoreMixin):
         if shared is None:
             db = connect(self.path)
             db.executescript(_SCHEMA)
-            shared = _SHARED[key] = _Shared(db)
+            shared = _SHARED[key] = _Shared(db, self.complete_window_s, self.complete_batch)
         shared.users += 1
         self._shared = shared
 

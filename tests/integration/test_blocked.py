@@ -22,6 +22,8 @@ from choreo.topology import QueueSpec, Topology
 from choreo.transport import Delivery, OutgoingMessage
 from choreo.transport.rabbitmq import RabbitMQTransport
 
+from ..conftest import turns
+
 pytestmark = pytest.mark.rabbitmq
 
 
@@ -52,8 +54,7 @@ async def test_a_publish_waits_while_the_broker_blocks_and_goes_out_when_it_unbl
     sent = channel.unconfirmed_mark()
     broker_says(transport, cmd.Connection.Blocked(reason="low on memory"))
     publish = asyncio.ensure_future(transport.publish(OutgoingMessage(exchange, "t.x", b"held")))
-    for _ in range(5):  # with the channel open, nothing but the block stands between it and the socket
-        await asyncio.sleep(0)
+    await turns()  # with the channel open, nothing but the block stands between it and the socket
     assert not publish.done()
     assert channel.unconfirmed_mark() == sent  # not written
     broker_says(transport, cmd.Connection.Unblocked())

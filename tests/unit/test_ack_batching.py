@@ -14,12 +14,24 @@ from choreo.errors import TransportError
 from choreo.transport.amqp.connection import ChannelClosedError
 from choreo.transport.rabbitmq import _Acks
 
+from ..conftest import turns
+
 _ACK = struct.Struct(">BHIHHQBB")
 
 
 class FakeConnection:
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
+        self.riders: list[Any] = []
+
+    def before_next_write(self, callback: Any) -> None:
+        self.riders.append(callback)
+
+    def write_something_else(self) -> None:
+        """What Connection._flush does with its riders before a write of other frames."""
+        riders, self.riders = self.riders, []
+        for rider in riders:
+            rider()
 
 
 class FakeChannel:
@@ -52,9 +64,9 @@ class FakeChannel:
             self.outstanding -= {t for t in self.outstanding if t <= tag} if multiple else {tag}
 
 
-def make() -> tuple[_Acks, FakeChannel]:
+def make(window_s: float = 0.0, batch: int = 1) -> tuple[_Acks, FakeChannel]:
     channel = FakeChannel()
-    return _Acks(channel), channel  # type: ignore[arg-type]
+    return _Acks(channel, window_s=window_s, batch=batch), channel  # type: ignore[arg-type]
 
 
 async def ack_all(acks: _Acks, *tags: int) -> None:
@@ -114,3 +126,67 @@ async def test_ack_on_a_closed_channel_raises_transport_error() -> None:
     channel.closed = True
     with pytest.raises(TransportError, match="redeliver"):
         await acks.ack(1)
+
+
+# -- the settle window: acks wait for company ------------------------------------------------
+
+
+async def test_with_a_window_acks_wait_for_it_and_then_go_out_as_one_multiple_ack() -> None:
+    acks, channel = make(window_s=0.02, batch=100)
+    channel.deliver(acks, 1, 2, 3, 4)
+    first = acks.ack(1)
+    await turns()
+    later = [acks.ack(2), acks.ack(3)]
+    async with asyncio.timeout(5):
+        await asyncio.gather(first, *later)
+    assert channel.frames == [(3, True)]
+    assert channel.writes == 1
+    assert channel.outstanding == {4}
+
+
+async def test_held_acks_join_the_next_write_of_other_frames() -> None:
+    acks, channel = make(window_s=30.0, batch=100)
+    channel.deliver(acks, 1, 2)
+    waiter = acks.ack(1)
+    await turns()
+    assert channel.frames == []  # held: the window is long
+    assert not waiter.done()
+    channel.connection.write_something_else()  # say, a publish of the next handler's event
+    await waiter
+    assert channel.frames == [(1, True)]
+    # A rider already used is not called again, and a new ack registers a new one.
+    assert channel.connection.riders == []
+    second = acks.ack(2)
+    assert len(channel.connection.riders) == 1
+    channel.connection.write_something_else()
+    await second
+    assert channel.frames == [(1, True), (2, True)]
+
+
+async def test_a_batch_of_waiting_acks_goes_out_at_the_end_of_the_turn_without_waiting() -> None:
+    acks, channel = make(window_s=30.0, batch=3)
+    channel.deliver(acks, 1, 2, 3, 4)
+    await ack_all(acks, 1, 2, 3)  # the third fills the batch: no 30 s wait
+    assert channel.frames == [(3, True)]
+    assert acks.timer is None  # the window's timer went with the flush
+
+
+async def test_flush_sends_held_acks_at_once() -> None:
+    acks, channel = make(window_s=30.0, batch=100)
+    channel.deliver(acks, 1, 2)
+    waiters = [acks.ack(1), acks.ack(2)]
+    acks.flush()  # what the subscription does before it stops consuming
+    assert channel.frames == [(2, True)]
+    await asyncio.gather(*waiters)
+    channel.connection.write_something_else()  # the stale rider finds nothing to send
+    assert channel.writes == 1
+
+
+async def test_held_acks_on_a_channel_closed_meanwhile_fail_their_waiters() -> None:
+    acks, channel = make(window_s=30.0, batch=100)
+    channel.deliver(acks, 1)
+    waiter = acks.ack(1)
+    channel.closed = True
+    acks.flush()
+    with pytest.raises(TransportError, match="redeliver"):
+        await waiter

@@ -4,6 +4,7 @@ parser fed from a fake socket: deliveries split across reads at every byte, seve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import decimal
 from typing import Any
@@ -395,3 +396,68 @@ async def test_connection_blocked_holds_publishes_back_until_unblocked_and_after
     conn.resume_writing()
     await asyncio.wait_for(waiting, 1)
     assert (conn.writable_now, conn.blocked, seen) == (True, None, ["low on memory", None])
+
+
+async def test_frames_held_back_by_a_rider_join_the_next_write() -> None:
+    conn, _, _ = await connected()
+    transport = conn._transport
+    assert isinstance(transport, FakeTransport)
+    calls: list[str] = []
+
+    def rider() -> None:
+        calls.append("rider")
+        conn.write(b"held")
+
+    conn.before_next_write(rider)
+    await asyncio.sleep(0)
+    assert transport.written == []  # a rider alone writes nothing
+    assert calls == []
+    conn.write(b"publish")
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert transport.written == [b"publishheld"]  # one write, not two, in the order asked
+    conn.write(b"more")
+    await asyncio.sleep(0)
+    assert transport.written == [b"publishheld", b"more"]
+    assert calls == ["rider"]  # once only
+
+
+async def test_held_acks_never_overtake_acks_of_the_same_channel_already_queued() -> None:
+    """A batch of acks flushed in a turn, then more acks riding on that same write: the broker
+    must see them in tag order (a multiple ack up to 3 before one up to 2 would ack 2 twice)."""
+    from choreo.transport.rabbitmq import _Acks
+
+    conn, channel, _ = await connected()
+    transport = conn._transport
+    assert isinstance(transport, FakeTransport)
+    acks = _Acks(channel, window_s=30.0, batch=100)
+    for tag in (1, 2, 3, 4):
+        acks.delivered(tag)
+    first = [acks.ack(1), acks.ack(2)]  # held, and registered to ride the next write
+    acks.flush()  # out now: queued on the connection for the end of this turn
+    later = acks.ack(3)  # held again; its ride is the write that carries the flush above
+    await asyncio.gather(*first, later)
+    data = b"".join(transport.written)
+    tags = []
+    while data:
+        consumed, _, frame = pamqp.frame.unmarshal(data)
+        data = data[consumed:]
+        assert isinstance(frame, cmd.Basic.Ack)
+        tags.append((frame.delivery_tag, frame.multiple))
+    assert tags == [(2, True), (3, True)]
+    assert len(transport.written) == 1  # and in one write
+
+
+async def test_frames_sent_on_a_channel_after_our_close_raise_instead_of_being_discarded() -> None:
+    """The broker discards what follows our channel.close on that channel: an ack written then
+    would pass for sent and the message come back. It raises, so its waiter learns it."""
+    from choreo.errors import TransportError
+
+    _conn, channel, _ = await connected()
+    closing = asyncio.create_task(channel.close())
+    await asyncio.sleep(0)  # the close is written; its close-ok has not come
+    with pytest.raises(TransportError, match="closing"):
+        channel.send(frames.encode_ack(channel.number, 1))
+    closing.cancel()
+    with contextlib.suppress(BaseException):
+        await closing

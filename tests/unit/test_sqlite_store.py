@@ -4,6 +4,7 @@ resume only after it, and one caller's cancellation never touches the others."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import sqlite3
 import threading
@@ -16,6 +17,8 @@ import pytest
 from choreo.stores import SQLiteDedupStore
 from choreo.stores import sqlite as sqlite_module
 from choreo.testing import wait_for
+
+from ..conftest import turns
 
 
 def committed_done(path: Path, agent: str, key: str) -> bool:
@@ -293,3 +296,101 @@ def test_no_checkpointer_without_a_file(tmp_path: Path) -> None:
         assert db.checkpointer is None
     finally:
         db.close()
+
+
+# -- the completion window: marks wait to share a commit -------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def windowed(path: Path, window_s: float = 30.0, batch: int = 100) -> AsyncIterator[SQLiteDedupStore]:
+    """An open store whose completions wait ``window_s`` (long by default: only something
+    else's commit ends the wait) unless ``batch`` of them are waiting; closed afterwards."""
+    store = SQLiteDedupStore(path, complete_window_s=window_s, complete_batch=batch)
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def claimed(store: SQLiteDedupStore, *keys: str) -> None:
+    for key in keys:
+        assert await store.claim("agent", key, lease_s=30) == "claimed"
+
+
+async def test_with_a_window_completions_ride_on_the_next_claims_commit(tmp_path: Path) -> None:
+    path = tmp_path / "dedup.sqlite3"
+    async with windowed(path) as store:
+        await claimed(store, "a")
+        completing = asyncio.create_task(store.complete("agent", "a"))
+        await turns()
+        assert not completing.done()  # waiting for company, not committed yet
+        assert not committed_done(path, "agent", "a")
+        await claimed(store, "b")  # the next delivery's claim
+        async with asyncio.timeout(5):
+            await completing
+        assert committed_rows(path) == {("agent", "a"): 1, ("agent", "b"): 0}
+
+
+async def test_with_a_window_a_lone_completion_commits_when_it_ends(tmp_path: Path) -> None:
+    path = tmp_path / "dedup.sqlite3"
+    async with windowed(path, window_s=0.02) as store:
+        await claimed(store, "a")
+        async with asyncio.timeout(5):
+            await store.complete("agent", "a")
+        assert committed_done(path, "agent", "a")
+
+
+async def test_closing_the_store_commits_completions_still_in_their_window(tmp_path: Path) -> None:
+    path = tmp_path / "dedup.sqlite3"
+    async with windowed(path) as store:
+        await claimed(store, "a")
+        completing = asyncio.create_task(store.complete("agent", "a"))
+        await asyncio.sleep(0)
+    await completing  # the store closed (leaving the block) with the mark still waiting
+    assert committed_done(path, "agent", "a")
+
+
+def test_the_settle_window_reaches_the_dedup_store_and_the_workers_transport(tmp_path: Path) -> None:
+    from choreo import Agent, Settings, Worker
+    from choreo.stores import dedup_store_for
+
+    settings = Settings.from_env({"CHOREO_SETTLE_WINDOW_MS": "25", "CHOREO_STATE_DIR": str(tmp_path)})
+    assert settings.settle_window_ms == 25
+    store = dedup_store_for(settings, "payments")
+    assert isinstance(store, SQLiteDedupStore)
+    assert store.complete_window_s == 0.025
+    assert store.complete_batch == settings.prefetch // 4  # as the transport's acks
+    assert Settings.from_env({}).settle_window_ms == 10  # on by default
+
+    async def build() -> float:
+        worker = Worker([Agent("payments")], settings=settings)
+        return worker.transport.ack_window_s  # type: ignore[attr-defined, no-any-return]
+
+    assert asyncio.run(build()) == 0.025
+
+
+async def test_a_batch_of_waiting_completions_commits_without_waiting_for_the_window(tmp_path: Path) -> None:
+    """With a small prefetch no claim can come while every unacked delivery waits for its
+    mark: the batch (1 for a prefetch under 8) commits at the end of the turn instead."""
+    path = tmp_path / "dedup.sqlite3"
+    async with windowed(path, batch=2) as store:
+        await claimed(store, "a", "b")
+        first = asyncio.create_task(store.complete("agent", "a"))
+        await turns()
+        assert not first.done()  # one of two: waiting
+        async with asyncio.timeout(5):
+            await asyncio.gather(first, store.complete("agent", "b"))  # the second fills the batch
+        assert committed_rows(path) == {("agent", "a"): 1, ("agent", "b"): 1}
+
+
+async def test_any_other_write_brings_a_waiting_completion_forward(tmp_path: Path) -> None:
+    path = tmp_path / "dedup.sqlite3"
+    async with windowed(path) as store:
+        await claimed(store, "a", "b")
+        completing = asyncio.create_task(store.complete("agent", "a"))
+        await asyncio.sleep(0)
+        await store.release("agent", "b")  # runs at once in this turn's transaction
+        async with asyncio.timeout(5):
+            await completing
+        assert committed_rows(path) == {("agent", "a"): 1}  # b's claim released, a done

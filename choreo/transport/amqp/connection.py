@@ -231,8 +231,11 @@ class Channel:
             raise self.closed
 
     def send(self, data: bytes) -> None:
-        """Write pre-encoded frames of this channel."""
+        """Write pre-encoded frames of this channel. Once our close is sent, the broker would
+        discard them: that raises instead of passing for sent."""
         self._check()
+        if self._close_sent:
+            raise TransportError(f"channel {self.number} is closing: frames sent now would be discarded")
         self.connection.write(data)
 
     async def rpc(self, method: Frame, *expect: type[Frame]) -> Any:
@@ -515,6 +518,7 @@ class Connection(asyncio.Protocol):
         self._ch0: collections.deque[tuple[tuple[type[Frame], ...], asyncio.Future[Any]]] = collections.deque()
         self._out: list[bytes] = []
         self._flush_scheduled = False
+        self._riders: list[Callable[[], None]] = []
         # Publishes wait while either holds: the socket's buffer is full (pause_writing), or the
         # broker blocked publishing (a resource alarm; the reason is kept in ``blocked``).
         self._writable = asyncio.Event()
@@ -663,7 +667,24 @@ class Connection(asyncio.Protocol):
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
 
+    def before_next_write(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` (once) just before the next write of queued frames, so that frames
+        it is holding back (acks waiting for company) share that write instead of a syscall and
+        a broker wake-up of their own. What it writes goes after what is already queued, so the
+        frames of one channel keep their order (an ack for tag 9 must not overtake a queued
+        ``multiple`` ack up to tag 5: the broker would close the channel for acking 5 twice).
+        It may call :meth:`write`; it must not raise."""
+        self._riders.append(callback)
+
     def _flush(self) -> None:
+        if self._riders:
+            # Before the flag is cleared: what the riders write joins this write, not a new one.
+            riders, self._riders = self._riders, []
+            for rider in riders:
+                try:
+                    rider()
+                except Exception as exc:  # one rider's bug must not stop this connection's writes
+                    self.loop.call_exception_handler({"message": "frame rider failed", "exception": exc})
         self._flush_scheduled = False
         out, self._out = self._out, []
         if self._transport is not None and self.closed is None and out:
