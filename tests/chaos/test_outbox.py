@@ -22,7 +22,7 @@ from ..conftest import SECRET
 from .conftest import close_all_connections, need_rabbitmqctl
 
 pytestmark = pytest.mark.rabbitmq
-TOTAL = 3000
+TOTAL = 4800
 
 
 class InvoiceIssued(Event, type="invoice.issued"):
@@ -88,7 +88,7 @@ async def test_relay_killed_and_connections_dropped_loses_and_duplicates_nothing
         await relay.wait()
         at_kill = sent(db_path)
         assert at_kill < 600, "relayed everything before the kill; it proves nothing"
-        written += write_events(db_path, 600, 2400)  # the service keeps writing while no relay runs
+        written += write_events(db_path, 600, TOTAL - 600)  # the service keeps writing while no relay runs
         relay = await start_relay()
         await wait_for(lambda: sent(db_path) >= at_kill + 50, within=60, what="the restarted relay")
         await close_all_connections("outbox chaos")
