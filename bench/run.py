@@ -405,6 +405,7 @@ class Options:
     profile: bool
     profile_format: str
     profile_rate: int
+    stages: bool = False
 
 
 @dataclass
@@ -671,6 +672,7 @@ def saga_choreo(run: Run, rate: float, orders: int, *, beside: Sequence[str] | N
         CHOREO_PREFETCH="256",
         CHOREO_SHUTDOWN_GRACE_S="15",
     )
+    stamps = stamping(run, step, env) if run.opts.stages and not beside else None
     workers: list[Child] = []
     result_file = run.tmp / f"{step}.json"
     try:
@@ -718,6 +720,8 @@ def saga_choreo(run: Run, rate: float, orders: int, *, beside: Sequence[str] | N
     data["worker_cpu_us_per_order"] = sum(window_cpu) / orders * 1e6
     data["worker_cpu_us_per_handling"] = sum(window_cpu) / max(data.get("handled_events", 0), 1) * 1e6
     data["driver_cpu_s"] = proc.cpu_s
+    if stamps is not None:
+        data["stages"] = stages_summary(stamps)
     if any(codes):
         run.notes.append(f"saga at {rate:g}/s: worker exit codes {codes} (0 = clean drain)")
     return data
@@ -1058,6 +1062,42 @@ def edge_rows(run: Run) -> list[list[str]]:
     return rows
 
 
+def stamping(run: Run, step: str, env: dict[str, str]) -> Path:
+    """``--stages``: has the workers started with ``env`` stamp their stages (bench/stages) into
+    the directory returned."""
+    stamps = run.tmp / f"{step}-stages"
+    stamps.mkdir(exist_ok=True)
+    env["CHOREO_BENCH_STAGES_DIR"] = str(stamps)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(BENCH / "stages"), env.get("PYTHONPATH")) if p)
+    return stamps
+
+
+def stages_summary(directory: Path) -> dict[str, Any]:
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    import stages_report
+
+    summary: dict[str, Any] = stages_report.summary(directory)
+    if not summary["n"]:
+        raise StepError(f"--stages: no stamped hops in {directory} (did bench/stages/sitecustomize.py load?)")
+    return summary
+
+
+STAGE_HEADER = ["rate", "stage", "p50 ms", "p90 ms", "p99 ms", "max ms", "mean in slowest 1 % ms"]
+
+
+def stage_rows(run: Run) -> list[list[str]]:
+    """``--stages``: each rate's hop split into its stages (bench/stages_report.py)."""
+    import stages_report
+
+    rows = []
+    for s in run.sagas:
+        stamped = (s.get("choreo") or {}).get("stages")
+        if stamped and stamped["n"]:
+            rows += [[f"{s['rate']:g}/s", *row] for row in stages_report.table_rows(stamped)]
+    return rows
+
+
 def ratio_line(run: Run) -> str:
     def rates(client: str, kind: str) -> float:
         t = run.throughput.get(client)
@@ -1291,6 +1331,15 @@ def write_report(run: Run, path: Path, info: dict[str, str], ratios: str) -> Non
         edges = edge_rows(run)
         if edges:
             lines += ["Per hop (choreo):", "", md_table(EDGE_HEADER, edges), ""]
+        stages = stage_rows(run)
+        if stages:
+            lines += [
+                "Where a hop's time goes (choreo, `--stages`: stamps in the workers, "
+                "`bench/stages_report.py` defines each stage):",
+                "",
+                md_table(STAGE_HEADER, stages),
+                "",
+            ]
     if run.memory:
         m = run.memory
         lines += [
@@ -1356,6 +1405,11 @@ def parse(argv: Sequence[str]) -> Options:
     parser.add_argument("--profile-format", choices=["raw", "flamegraph", "speedscope"], default="raw")
     parser.add_argument("--profile-rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument(
+        "--stages",
+        action="store_true",
+        help="stamp where each choreo saga hop's time goes (bench/stages); adds a table per rate",
+    )
+    parser.add_argument(
         "--saga-beside",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -1391,6 +1445,7 @@ def parse(argv: Sequence[str]) -> Options:
         profile=bool(args.profile),
         profile_format=args.profile_format,
         profile_rate=args.profile_rate,
+        stages=bool(args.stages),
     )
 
 
@@ -1552,6 +1607,9 @@ def finish(run: Run) -> int:
         edges = edge_rows(run)
         if edges:
             say(text_table(EDGE_HEADER, edges))
+        stages = stage_rows(run)
+        if stages:
+            say(text_table(STAGE_HEADER, stages))
     if run.memory:
         m = run.memory
         say("")

@@ -23,7 +23,8 @@ def test_quick_bench_runs_and_prints_the_ratio_line(amqp_url: str) -> None:
     command = [
         sys.executable,
         str(ROOT / "bench" / "run.py"),
-        *("--quick", "--count", "300", "--only", "choreo,raw", "--saga-seconds", "2", "--saga-beside", "--no-write"),
+        *("--quick", "--count", "300", "--only", "choreo,raw", "--saga-seconds", "2", "--saga-beside", "--stages"),
+        *("--no-write",),
         *("--url", amqp_url),
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=ROOT, check=False)
@@ -41,3 +42,6 @@ def test_quick_bench_runs_and_prints_the_ratio_line(amqp_url: str) -> None:
     ):
         assert re.search(pattern, last), f"{pattern!r} not in {last!r}"
     assert "FAILED" not in done.stdout, output[-3000:]
+    # --stages: the workers' stamps joined into one row per stage, each with figures.
+    for stage in ("hop", "a_send", "a_flush", "broker", "b_queue", "b_claim", "b_handler"):
+        assert re.search(rf"^100/s\s+{stage}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}", done.stdout, re.M), stage
