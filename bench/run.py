@@ -1072,12 +1072,17 @@ def stamping(run: Run, step: str, env: dict[str, str]) -> Path:
     return stamps
 
 
-def stages_summary(directory: Path) -> dict[str, Any]:
+def stages_report() -> Any:
+    """bench/stages_report.py, imported from wherever this harness runs."""
     if str(BENCH) not in sys.path:
         sys.path.insert(0, str(BENCH))
     import stages_report
 
-    summary: dict[str, Any] = stages_report.summary(directory)
+    return stages_report
+
+
+def stages_summary(directory: Path) -> dict[str, Any]:
+    summary: dict[str, Any] = stages_report().summary(directory)
     if not summary["n"]:
         raise StepError(f"--stages: no stamped hops in {directory} (did bench/stages/sitecustomize.py load?)")
     return summary
@@ -1088,13 +1093,11 @@ STAGE_HEADER = ["rate", "stage", "p50 ms", "p90 ms", "p99 ms", "max ms", "mean i
 
 def stage_rows(run: Run) -> list[list[str]]:
     """``--stages``: each rate's hop split into its stages (bench/stages_report.py)."""
-    import stages_report
-
     rows = []
     for s in run.sagas:
         stamped = (s.get("choreo") or {}).get("stages")
         if stamped and stamped["n"]:
-            rows += [[f"{s['rate']:g}/s", *row] for row in stages_report.table_rows(stamped)]
+            rows += [[f"{s['rate']:g}/s", *row] for row in stages_report().table_rows(stamped)]
     return rows
 
 
