@@ -27,12 +27,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from choreo_client import percentile  # nearest-rank, as every other figure of the bench
+
 STAGES = ("a_send", "a_flush", "broker", "b_queue", "b_claim", "b_handler")
 COLUMNS = ("hop", *STAGES)
-
-
-def _q(ordered: list[float], q: float) -> float:
-    return ordered[int(q * (len(ordered) - 1))]
 
 
 def hops(directory: Path) -> list[dict[str, float]]:
@@ -78,12 +76,12 @@ def summary(directory: Path) -> dict[str, Any]:
         return {"n": 0}
     out: dict[str, Any] = {"n": len(rows), "quantiles_ms": {}}
     for column in COLUMNS:
-        ordered = sorted(r[column] * 1000 for r in rows)
+        values = [r[column] * 1000 for r in rows]
         out["quantiles_ms"][column] = {
-            "p50": _q(ordered, 0.5),
-            "p90": _q(ordered, 0.9),
-            "p99": _q(ordered, 0.99),
-            "max": ordered[-1],
+            "p50": percentile(values, 0.5),
+            "p90": percentile(values, 0.9),
+            "p99": percentile(values, 0.99),
+            "max": max(values),
         }
     rows.sort(key=lambda r: r["hop"])
     slowest = rows[int(len(rows) * 0.99) :]

@@ -23,9 +23,8 @@ def test_quick_bench_runs_and_prints_the_ratio_line(amqp_url: str) -> None:
     command = [
         sys.executable,
         str(ROOT / "bench" / "run.py"),
-        *("--quick", "--count", "300", "--only", "choreo,raw", "--saga-seconds", "2", "--saga-beside", "--stages"),
-        *("--no-write",),
-        *("--url", amqp_url),
+        *("--quick", "--count", "300", "--only", "choreo,raw", "--saga-seconds", "2"),
+        *("--saga-beside", "--stages", "--no-write", "--url", amqp_url),
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=ROOT, check=False)
     output = done.stdout + done.stderr

@@ -9,8 +9,9 @@ against the real broker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pamqp.frame
 import pytest
@@ -31,6 +32,17 @@ def broker_says(transport: RabbitMQTransport, method: cmd.Connection.Blocked | c
     conn = transport._link.conn
     assert conn is not None
     conn.data_received(pamqp.frame.marshal(method, 0))
+
+
+@contextlib.asynccontextmanager
+async def connected(amqp_url: str, *, publish_timeout: float) -> AsyncIterator[RabbitMQTransport]:
+    """A transport of its own with a short ``publish_timeout``, closed on the way out."""
+    transport = RabbitMQTransport(amqp_url, timeout=publish_timeout)
+    await transport.connect()
+    try:
+        yield transport
+    finally:
+        await transport.close()
 
 
 async def setup(
@@ -71,26 +83,20 @@ async def test_a_publish_blocked_past_the_timeout_fails_saying_why(
     rabbit_factory: Callable[[], Awaitable[RabbitMQTransport]], amqp_url: str
 ) -> None:
     admin, exchange, queue = await setup(rabbit_factory)
-    transport = RabbitMQTransport(amqp_url, timeout=0.5)
-    await transport.connect()
-    try:
+    async with connected(amqp_url, publish_timeout=0.5) as transport:
         broker_says(transport, cmd.Connection.Blocked(reason="low on disk"))
         with pytest.raises(PublishNotConfirmed, match=r"blocks publishing \(low on disk\)"):
             await transport.publish(OutgoingMessage(exchange, "t.x", b"never sent"))
         with pytest.raises(PublishNotConfirmed, match="blocks publishing"):  # moves to a DLQ wait the same way
             await transport.publish(OutgoingMessage("", queue, b"never sent", mandatory=True))
         assert await admin.queue_depth(queue) == 0
-    finally:
-        await transport.close()
 
 
 async def test_moves_queued_behind_a_blocked_one_each_keep_to_the_timeout(
     rabbit_factory: Callable[[], Awaitable[RabbitMQTransport]], amqp_url: str
 ) -> None:
     _, _, queue = await setup(rabbit_factory)
-    transport = RabbitMQTransport(amqp_url, timeout=1.0)
-    await transport.connect()
-    try:
+    async with connected(amqp_url, publish_timeout=1.0) as transport:
         broker_says(transport, cmd.Connection.Blocked(reason="low on memory"))
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -104,8 +110,6 @@ async def test_moves_queued_behind_a_blocked_one_each_keep_to_the_timeout(
         # One at a time on their channel, yet each fails by its own deadline, not one timeout
         # after the one ahead of it (that was 1, 2 and 3 s).
         assert max(took) < 1.8, took
-    finally:
-        await transport.close()
 
 
 async def test_consuming_and_acking_go_on_while_publishing_is_blocked(
