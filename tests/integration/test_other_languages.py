@@ -18,12 +18,14 @@ from ..conftest import SECRET
 from .test_raw_publish import RawOrderPlaced
 
 ROOT = Path(__file__).resolve().parents[2]
-NODE_PATH = os.environ.get("CHOREO_TEST_NODE_PATH", "/tmp/nodepub/node_modules")
+# Where `npm install --prefix bench/.node amqplib` puts it: .ci/run does that, and so does
+# bench/run.py for its Node.js ceiling, so one install serves both.
+NODE_PATH = os.environ.get("CHOREO_TEST_NODE_PATH", str(ROOT / "bench/.node/node_modules"))
 pytestmark = [
     pytest.mark.rabbitmq,
     pytest.mark.skipif(
         shutil.which("node") is None or not (Path(NODE_PATH) / "amqplib").is_dir(),
-        reason=f"needs node and amqplib in CHOREO_TEST_NODE_PATH ({NODE_PATH}): npm install amqplib",
+        reason=f"needs node and amqplib in {NODE_PATH}: npm install --prefix bench/.node amqplib",
     ),
 ]
 
