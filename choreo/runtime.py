@@ -65,6 +65,10 @@ FAILED_AT = "x-choreo-failed-at"
 ORIGINAL_RK = "x-choreo-original-routing-key"
 DELAYED = "x-choreo-delayed-retries"
 _MAX_ERROR_CHARS = 500
+# A lost channel fails every ack it held at once: the first failure is logged at once, the
+# rest of this window's in one summary line (a warning per message floods the log).
+_SETTLE_REPORT_S = 1.0
+_SETTLE_REPORT_IDS = 20
 
 
 def topology_for(agent: Agent[Any], settings: Settings) -> Topology:
@@ -90,6 +94,7 @@ class AgentStats:
     retried_in_process: int = 0
     retried_delayed: int = 0
     compensated: int = 0  # failures answered with the handler's failure event
+    settle_failed: int = 0  # acks/nacks lost with their channel: the broker redelivers those
     dead_lettered: collections.Counter[str] = field(default_factory=collections.Counter)
 
     @property
@@ -151,6 +156,7 @@ class AgentRuntime(Generic[S]):
         self._cleanup_task: asyncio.Task[None] | None = None
         self._renew_task: asyncio.Task[None] | None = None
         self._held: dict[str, Claim] = {}  # claims of handlers running now, renewed by _renew_leases
+        self._settle_failures: list[str] | None = None  # event ids since the last reported failure
         self._skew = timedelta(milliseconds=settings.clock_skew_ms)
         self.metrics: AgentMetrics = (metrics or Metrics()).for_agent(agent.name, agent.handled_types)
         self.metrics.track_in_flight(lambda: self._in_flight)
@@ -631,5 +637,30 @@ class AgentRuntime(Generic[S]):
                 self.stats.requeued += 1
                 await delivery.nack(requeue=requeue)
         except TransportError as exc:
-            # The channel is gone; the broker redelivers the message and dedup absorbs a re-run.
-            log.warning("settle failed", agent=self.agent.name, error=repr(exc))
+            self._settle_failed(delivery, exc)
+
+    def _settle_failed(self, delivery: Delivery, exc: TransportError) -> None:
+        """The channel is gone: the broker redelivers the message and dedup absorbs a re-run.
+        Logs the first failure at once and the others of the next second in one line."""
+        self.stats.settle_failed += 1
+        if self._settle_failures is not None:
+            self._settle_failures.append(delivery.message_id or "?")
+            return
+        log.warning(
+            "settle failed; the broker redelivers the message",
+            agent=self.agent.name,
+            event_id=delivery.message_id,
+            error=repr(exc),
+        )
+        self._settle_failures = []
+        asyncio.get_running_loop().call_later(_SETTLE_REPORT_S, self._report_settle_failures)
+
+    def _report_settle_failures(self) -> None:
+        ids, self._settle_failures = self._settle_failures or [], None
+        if ids:
+            log.warning(
+                "more settles failed with the channel; the broker redelivers those messages",
+                agent=self.agent.name,
+                count=len(ids),
+                event_ids=ids[:_SETTLE_REPORT_IDS],
+            )

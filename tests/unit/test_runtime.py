@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+import structlog
 
 import choreo
 from choreo import codec
@@ -669,3 +670,49 @@ async def test_stop_waits_for_the_in_flight_handler_and_acks_its_message(
 
 async def _not(result: Awaitable[bool]) -> bool:
     return not await result
+
+
+async def test_acks_lost_with_the_connection_log_one_line_then_one_summary(
+    broker: InMemoryBroker, mem: InMemoryTransport, settings: choreo.Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("choreo.runtime._SETTLE_REPORT_S", 0.05)
+    worker_conn = broker.transport()
+    await worker_conn.connect()
+    gate = asyncio.Event()
+    started: list[int] = []
+    agent: choreo.Agent[None] = choreo.Agent("lossy")
+
+    @agent.on(Ping)
+    async def held(event: Ping, ctx: choreo.Context[None]) -> None:
+        started.append(event.n)
+        await gate.wait()
+
+    publisher = choreo.Publisher(transport=mem, settings=settings, source="test")
+    queue = settings.naming.agent_queues(agent.name).main
+    worker = choreo.Worker([agent], settings=settings, transport=worker_conn)
+    runtime = worker.runtimes[0]
+    with structlog.testing.capture_logs() as logs:
+        await worker.start()
+        try:
+            ids = [(await publisher.publish(Ping(n=n))).id for n in range(5)]
+            await wait_for(lambda: len(started) == 5, within=5, what="five handlers to start")
+            broker.close_connection(worker_conn)  # the five deliveries go back to the queue
+            gate.set()
+            await wait_for(lambda: runtime.stats.settle_failed == 5, within=5, what="five failed acks")
+            await wait_for(
+                lambda: any(e["event"].startswith("more settles failed") for e in logs), within=5, what="the summary"
+            )
+        finally:
+            gate.set()
+            await worker.stop()
+    failed = [e for e in logs if "settle" in e["event"]]
+    assert [e["event"] for e in failed] == [
+        "settle failed; the broker redelivers the message",
+        "more settles failed with the channel; the broker redelivers those messages",
+    ]
+    first, summary = failed
+    assert first["log_level"] == summary["log_level"] == "warning"
+    assert first["agent"] == summary["agent"] == "lossy"
+    assert summary["count"] == 4
+    assert sorted([first["event_id"], *summary["event_ids"]]) == sorted(ids)
+    assert await mem.queue_depth(queue) == 5  # nothing lost: all five wait for redelivery
