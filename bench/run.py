@@ -406,6 +406,7 @@ class Options:
     profile_format: str
     profile_rate: int
     stages: bool = False
+    wire: bool = False
 
 
 @dataclass
@@ -675,70 +676,92 @@ def saga_choreo(run: Run, rate: float, orders: int, *, beside: Sequence[str] | N
     stamps = stamping(run, step, env) if run.opts.stages and not beside else None
     workers: list[Child] = []
     result_file = run.tmp / f"{step}.json"
-    try:
-        for name in SAGA_AGENT_NAMES:
-            cmd = [str(VENV_PY), "-m", "choreo", "worker", f"agents.{name}:agent", "--json-logs"]
-            child = Child(cmd, env=env, log=run.tmp / f"{step}-{name}.log")
-            run.children.append(child)
-            workers.append(child)
-        for child in workers:
-            child.wait_log("worker ready", timeout=90)
-        cpu0 = [proc_cpu_s(w.pid) for w in workers]
-        driver = [
-            *run.client_cmd("saga", step),
-            *("--orders", str(orders), "--rate", f"{rate:g}", "--result", str(result_file)),
-            *("--timeout", f"{orders / rate + 180:.0f}"),
-        ]
-        side = (
-            subprocess.Popen(
-                list(beside), env=run.env(), cwd=tempfile.gettempdir(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    capture = run.tmp / f"{step}.pcap"
+    with contextlib.ExitStack() as wiring:
+        if run.opts.wire and not beside:
+            wiring.enter_context(wire_module().capture(capture))  # stopped once the workers are
+        try:
+            for name in SAGA_AGENT_NAMES:
+                cmd = [str(VENV_PY), "-m", "choreo", "worker", f"agents.{name}:agent", "--json-logs"]
+                child = Child(cmd, env=env, log=run.tmp / f"{step}-{name}.log")
+                run.children.append(child)
+                workers.append(child)
+            for child in workers:
+                child.wait_log("worker ready", timeout=90)
+            cpu0 = [proc_cpu_s(w.pid) for w in workers]
+            driver = [
+                *run.client_cmd("saga", step),
+                *("--orders", str(orders), "--rate", f"{rate:g}", "--result", str(result_file)),
+                *("--timeout", f"{orders / rate + 180:.0f}"),
+            ]
+            side = (
+                subprocess.Popen(
+                    list(beside),
+                    env=run.env(),
+                    cwd=tempfile.gettempdir(),
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                )
+                if beside
+                else None
             )
-            if beside
-            else None
-        )
-        proc = run_measured(driver, env=run.env(), timeout=orders / rate + 300, what=f"saga driver at {rate:g}/s")
-        window_cpu = [proc_cpu_s(w.pid) - c for w, c in zip(workers, cpu0, strict=True)]
-        beside_out = ""
-        if side is not None:
-            try:
-                out, err = side.communicate(timeout=orders / rate + 120)
-            except subprocess.TimeoutExpired as exc:
-                side.kill()
-                raise StepError("the command beside the saga did not finish") from exc
-            if side.returncode != 0:
-                raise StepError(f"the command beside the saga: exit {side.returncode}: {err.decode()[-500:]}")
-            beside_out = out.decode()
-    finally:
-        codes = [w.stop() for w in workers]
-        run.clean(queues, exchanges)
+            proc = run_measured(driver, env=run.env(), timeout=orders / rate + 300, what=f"saga driver at {rate:g}/s")
+            window_cpu = [proc_cpu_s(w.pid) - c for w, c in zip(workers, cpu0, strict=True)]
+            beside_out = ""
+            if side is not None:
+                try:
+                    out, err = side.communicate(timeout=orders / rate + 120)
+                except subprocess.TimeoutExpired as exc:
+                    side.kill()
+                    raise StepError("the command beside the saga did not finish") from exc
+                if side.returncode != 0:
+                    raise StepError(f"the command beside the saga: exit {side.returncode}: {err.decode()[-500:]}")
+                beside_out = out.decode()
+        finally:
+            codes = [w.stop() for w in workers]
+            run.clean(queues, exchanges)
     data: dict[str, Any] = json.loads(result_file.read_text())
-    data["beside_out"] = beside_out
-    data["worker_exit_codes"] = codes
-    # While the orders ran (start-up and shutdown excluded); whole processes for reference.
-    data["worker_cpu_s"] = dict(zip(SAGA_AGENT_NAMES, window_cpu, strict=True))
-    data["worker_process_cpu_s"] = {name: w.cpu_s for name, w in zip(SAGA_AGENT_NAMES, workers, strict=True)}
-    data["worker_cpu_us_per_order"] = sum(window_cpu) / orders * 1e6
-    data["worker_cpu_us_per_handling"] = sum(window_cpu) / max(data.get("handled_events", 0), 1) * 1e6
-    data["driver_cpu_s"] = proc.cpu_s
+    data.update(beside_out=beside_out, worker_exit_codes=codes, driver_cpu_s=proc.cpu_s)
+    data.update(cpu_of(workers, window_cpu, orders, data.get("handled_events", 0)))
     if stamps is not None:
         data["stages"] = stages_summary(stamps)
+    if run.opts.wire and not beside:
+        data["wire"] = wire_summary(capture, queues)
     if any(codes):
         run.notes.append(f"saga at {rate:g}/s: worker exit codes {codes} (0 = clean drain)")
     return data
 
 
+def cpu_of(workers: Sequence[Child], window_cpu: Sequence[float], orders: int, handled: int) -> dict[str, Any]:
+    """The workers' CPU while the orders ran (start-up and shutdown excluded); whole processes
+    for reference."""
+    return {
+        "worker_cpu_s": dict(zip(SAGA_AGENT_NAMES, window_cpu, strict=True)),
+        "worker_process_cpu_s": {name: w.cpu_s for name, w in zip(SAGA_AGENT_NAMES, workers, strict=True)},
+        "worker_cpu_us_per_order": sum(window_cpu) / orders * 1e6,
+        "worker_cpu_us_per_handling": sum(window_cpu) / max(handled, 1) * 1e6,
+    }
+
+
 def saga_raw(run: Run, rate: float, orders: int) -> dict[str, Any]:
     cmd = [str(VENV_PY), str(SHARED / "raw_latency.py"), str(orders), f"{rate:g}"]
-    try:
-        proc = run_measured(cmd, env=run.env(), timeout=orders / rate + 90, what=f"raw_latency at {rate:g}/s")
-    finally:
-        run.clean(*BASELINE_NAMES["latency"])
+    capture = run.tmp / f"raw{rate:g}.pcap"
+    with contextlib.ExitStack() as wiring:
+        if run.opts.wire:
+            wiring.enter_context(wire_module().capture(capture))
+        try:
+            proc = run_measured(cmd, env=run.env(), timeout=orders / rate + 90, what=f"raw_latency at {rate:g}/s")
+        finally:
+            run.clean(*BASELINE_NAMES["latency"])
     match = LAT.search(proc.out)
     if match is None:
         raise StepError(f"raw_latency: no p50/p99 in {proc.out.strip()!r}")
     p50, p99, top = (float(v) for v in match.groups())
     net = (proc.cpu_s - startup_cpu(run, "latency")) / orders * 1e6
-    return {"p50": p50, "p99": p99, "max": top, "cpu_us_per_msg": net, "wall_s": proc.wall_s}
+    data = {"p50": p50, "p99": p99, "max": top, "cpu_us_per_msg": net, "wall_s": proc.wall_s}
+    if run.opts.wire:
+        data["wire"] = wire_summary(capture, BASELINE_NAMES["latency"][0])
+    return data
 
 
 def saga_raw_beside(run: Run, rate: float, orders: int) -> dict[str, Any]:
@@ -1088,6 +1111,47 @@ def stages_summary(directory: Path) -> dict[str, Any]:
     return summary
 
 
+def wire_module() -> Any:
+    """bench/wire.py, imported from wherever this harness runs."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    import wire
+
+    return wire
+
+
+def wire_summary(capture: Path, queues: Sequence[str]) -> dict[str, Any]:
+    """``--wire``: the broker's publish->deliver times for deliveries from ``queues`` (the
+    bench's taps, read after the run, are not among them), all together and per queue."""
+    wire = wire_module()
+    by_queue = {q: v for q, v in wire.broker_latency(capture).items() if q in queues}
+    if not by_queue:
+        raise StepError(f"--wire: no delivery from {sorted(queues)} in {capture.name}")
+    pooled = [v for values in by_queue.values() for v in values]
+    return {"all": wire.summary_ms(pooled), "queues": {q: wire.summary_ms(v) for q, v in sorted(by_queue.items())}}
+
+
+WIRE_HEADER = ["rate", "deliveries from", "n", "broker p50 ms", "broker p99 ms", "max ms"]
+
+
+def wire_rows(run: Run) -> list[list[str]]:
+    """``--wire``: the broker's own publish-in to deliver-out time, choreo's saga against raw."""
+    rows = []
+
+    def row(rate: float, label: str, f: dict[str, float]) -> list[str]:
+        return [f"{rate:g}/s", label, f"{f['n']:,.0f}", f"{f['p50']:.2f}", f"{f['p99']:.2f}", f"{f['max']:.2f}"]
+
+    for s in run.sagas:
+        choreo_wire = (s.get("choreo") or {}).get("wire")
+        if choreo_wire:
+            rows.append(row(s["rate"], "choreo saga: the 4 agent queues", choreo_wire["all"]))
+            rows += [row(s["rate"], f"  {q}", f) for q, f in choreo_wire["queues"].items()]
+        raw_wire = (s.get("raw") or {}).get("wire")
+        if raw_wire:
+            rows.append(row(s["rate"], "raw one-hop (raw_latency.py)", raw_wire["all"]))
+    return rows
+
+
 STAGE_HEADER = ["rate", "stage", "p50 ms", "p90 ms", "p99 ms", "max ms", "mean in slowest 1 % ms"]
 
 
@@ -1344,6 +1408,15 @@ def write_report(run: Run, path: Path, info: dict[str, str], ratios: str) -> Non
                 md_table(STAGE_HEADER, stages),
                 "",
             ]
+        wired = wire_rows(run)
+        if wired:
+            lines += [
+                "The broker's own time (`--wire`: publish in to deliver out on the loopback capture, "
+                "`bench/wire.py`), choreo's saga against raw's one hop:",
+                "",
+                md_table(WIRE_HEADER, wired),
+                "",
+            ]
     if run.memory:
         m = run.memory
         lines += [
@@ -1414,6 +1487,11 @@ def parse(argv: Sequence[str]) -> Options:
         help="stamp where each choreo saga hop's time goes (bench/stages); adds a table per rate",
     )
     parser.add_argument(
+        "--wire",
+        action="store_true",
+        help="tcpdump each saga step (root) and report the broker's own publish->deliver time (bench/wire.py)",
+    )
+    parser.add_argument(
         "--saga-beside",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -1450,6 +1528,7 @@ def parse(argv: Sequence[str]) -> Options:
         profile_format=args.profile_format,
         profile_rate=args.profile_rate,
         stages=bool(args.stages),
+        wire=bool(args.wire),
     )
 
 
@@ -1460,6 +1539,9 @@ def main(argv: Sequence[str]) -> int:
         version = broker.version()
     except Exception as exc:
         say(f"no RabbitMQ at {opts.url}: {exc!r}")
+        return 2
+    if opts.wire and (why := wire_module().why_not()) is not None:
+        say(f"--wire: {why}")
         return 2
     run = Run(opts, broker)
     say(f"choreo bench run {run.run_id}: RabbitMQ {version} at {opts.url.split('@')[-1]}, scratch {run.tmp}")
@@ -1614,6 +1696,9 @@ def finish(run: Run) -> int:
         stages = stage_rows(run)
         if stages:
             say(text_table(STAGE_HEADER, stages))
+        wired = wire_rows(run)
+        if wired:
+            say(text_table(WIRE_HEADER, wired))
     if run.memory:
         m = run.memory
         say("")

@@ -13,6 +13,9 @@ import pytest
 pytestmark = pytest.mark.rabbitmq
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))  # bench/ is not a package
+import wire  # noqa: E402
+
 NUMBER = r"\d+(?:\.\d+)?"
 
 
@@ -26,6 +29,9 @@ def test_quick_bench_runs_and_prints_the_ratio_line(amqp_url: str) -> None:
         *("--quick", "--count", "300", "--only", "choreo,raw", "--saga-seconds", "2"),
         *("--saga-beside", "--stages", "--no-write", "--url", amqp_url),
     ]
+    wired = wire.why_not() is None  # tcpdump and root: where there are, --wire runs too
+    if wired:
+        command.append("--wire")
     done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=ROOT, check=False)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-3000:]
@@ -44,3 +50,6 @@ def test_quick_bench_runs_and_prints_the_ratio_line(amqp_url: str) -> None:
     # --stages: the workers' stamps joined into one row per stage, each with figures.
     for stage in ("hop", "a_send", "a_flush", "broker", "b_queue", "b_claim", "b_handler"):
         assert re.search(rf"^100/s\s+{stage}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}", done.stdout, re.M), stage
+    if wired:  # --wire: the broker's own time for the saga's agent queues and for raw's queue
+        for label in (r"choreo saga: the 4 agent queues", r"raw one-hop \(raw_latency\.py\)"):
+            assert re.search(rf"^100/s\s+{label}\s+[\d,]+\s+{NUMBER}\s+{NUMBER}", done.stdout, re.M), label
