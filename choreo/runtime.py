@@ -156,7 +156,10 @@ class AgentRuntime(Generic[S]):
         self._cleanup_task: asyncio.Task[None] | None = None
         self._renew_task: asyncio.Task[None] | None = None
         self._held: dict[str, Claim] = {}  # claims of handlers running now, renewed by _renew_leases
-        self._settle_failures: list[str] | None = None  # event ids since the last reported failure
+        # Acks lost with their channel since the last one logged: how many, and the first ids.
+        self._unreported_settles = 0
+        self._unreported_ids: list[str] = []
+        self._settle_report: asyncio.TimerHandle | None = None
         self._skew = timedelta(milliseconds=settings.clock_skew_ms)
         self.metrics: AgentMetrics = (metrics or Metrics()).for_agent(agent.name, agent.handled_types)
         self.metrics.track_in_flight(lambda: self._in_flight)
@@ -215,6 +218,7 @@ class AgentRuntime(Generic[S]):
             finished = False
             log.warning("shutdown grace period over", agent=self.agent.name, in_flight=self._in_flight)
         await self._close_resources()
+        self._report_settle_failures()  # before the last line: nothing of this agent logs after it
         log.info("agent stopped", agent=self.agent.name, **self._stats_fields())
         return finished
 
@@ -258,6 +262,7 @@ class AgentRuntime(Generic[S]):
             "handled": s.handled,
             "duplicates": s.duplicates,
             "dead_lettered": s.dead_lettered_total,
+            "settle_failed": s.settle_failed,
         }
 
     # pipeline ---------------------------------------------------------------------------------
@@ -641,10 +646,13 @@ class AgentRuntime(Generic[S]):
 
     def _settle_failed(self, delivery: Delivery, exc: TransportError) -> None:
         """The channel is gone: the broker redelivers the message and dedup absorbs a re-run.
-        Logs the first failure at once and the others of the next second in one line."""
+        Logs the first failure at once; the others of the next second, or until :meth:`stop`,
+        in one line."""
         self.stats.settle_failed += 1
-        if self._settle_failures is not None:
-            self._settle_failures.append(delivery.message_id or "?")
+        if self._settle_report is not None:
+            self._unreported_settles += 1
+            if len(self._unreported_ids) < _SETTLE_REPORT_IDS:
+                self._unreported_ids.append(delivery.message_id or "?")
             return
         log.warning(
             "settle failed; the broker redelivers the message",
@@ -652,15 +660,18 @@ class AgentRuntime(Generic[S]):
             event_id=delivery.message_id,
             error=repr(exc),
         )
-        self._settle_failures = []
-        asyncio.get_running_loop().call_later(_SETTLE_REPORT_S, self._report_settle_failures)
+        self._settle_report = asyncio.get_running_loop().call_later(_SETTLE_REPORT_S, self._report_settle_failures)
 
     def _report_settle_failures(self) -> None:
-        ids, self._settle_failures = self._settle_failures or [], None
-        if ids:
+        if self._settle_report is not None:
+            self._settle_report.cancel()  # when called by stop() ahead of the timer
+            self._settle_report = None
+        count, ids = self._unreported_settles, self._unreported_ids
+        self._unreported_settles, self._unreported_ids = 0, []
+        if count:
             log.warning(
                 "more settles failed with the channel; the broker redelivers those messages",
                 agent=self.agent.name,
-                count=len(ids),
-                event_ids=ids[:_SETTLE_REPORT_IDS],
+                count=count,
+                event_ids=ids,
             )

@@ -672,10 +672,11 @@ async def _not(result: Awaitable[bool]) -> bool:
     return not await result
 
 
-async def test_acks_lost_with_the_connection_log_one_line_then_one_summary(
-    broker: InMemoryBroker, mem: InMemoryTransport, settings: choreo.Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr("choreo.runtime._SETTLE_REPORT_S", 0.05)
+async def lose_acks(
+    broker: InMemoryBroker, mem: InMemoryTransport, settings: choreo.Settings
+) -> tuple[choreo.Worker, list[str]]:
+    """A started worker whose five in-flight handlers finish after their connection closed:
+    their five acks fail. Returns the worker (running) and the five event ids."""
     worker_conn = broker.transport()
     await worker_conn.connect()
     gate = asyncio.Event()
@@ -688,31 +689,56 @@ async def test_acks_lost_with_the_connection_log_one_line_then_one_summary(
         await gate.wait()
 
     publisher = choreo.Publisher(transport=mem, settings=settings, source="test")
-    queue = settings.naming.agent_queues(agent.name).main
     worker = choreo.Worker([agent], settings=settings, transport=worker_conn)
-    runtime = worker.runtimes[0]
+    await worker.start()
+    ids = [(await publisher.publish(Ping(n=n))).id for n in range(5)]
+    await wait_for(lambda: len(started) == 5, within=5, what="five handlers to start")
+    broker.close_connection(worker_conn)  # the five deliveries go back to the queue
+    gate.set()
+    await wait_for(lambda: worker.runtimes[0].stats.settle_failed == 5, within=5, what="five failed acks")
+    return worker, ids
+
+
+def settle_lines(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in logs if "settle" in e["event"]]
+
+
+FIRST = "settle failed; the broker redelivers the message"
+SUMMARY = "more settles failed with the channel; the broker redelivers those messages"
+
+
+async def test_acks_lost_with_the_connection_log_one_line_then_one_summary(
+    broker: InMemoryBroker, mem: InMemoryTransport, settings: choreo.Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("choreo.runtime._SETTLE_REPORT_S", 0.5)
     with structlog.testing.capture_logs() as logs:
-        await worker.start()
+        worker, ids = await lose_acks(broker, mem, settings)
         try:
-            ids = [(await publisher.publish(Ping(n=n))).id for n in range(5)]
-            await wait_for(lambda: len(started) == 5, within=5, what="five handlers to start")
-            broker.close_connection(worker_conn)  # the five deliveries go back to the queue
-            gate.set()
-            await wait_for(lambda: runtime.stats.settle_failed == 5, within=5, what="five failed acks")
-            await wait_for(
-                lambda: any(e["event"].startswith("more settles failed") for e in logs), within=5, what="the summary"
-            )
+            await wait_for(lambda: len(settle_lines(logs)) == 2, within=5, what="the summary")
         finally:
-            gate.set()
             await worker.stop()
-    failed = [e for e in logs if "settle" in e["event"]]
-    assert [e["event"] for e in failed] == [
-        "settle failed; the broker redelivers the message",
-        "more settles failed with the channel; the broker redelivers those messages",
-    ]
-    first, summary = failed
+    first, summary = settle_lines(logs)
+    assert [first["event"], summary["event"]] == [FIRST, SUMMARY]
     assert first["log_level"] == summary["log_level"] == "warning"
     assert first["agent"] == summary["agent"] == "lossy"
     assert summary["count"] == 4
     assert sorted([first["event_id"], *summary["event_ids"]]) == sorted(ids)
+    assert logs[-1]["event"] == "agent stopped"
+    assert logs[-1]["settle_failed"] == 5
+    queue = settings.naming.agent_queues("lossy").main
     assert await mem.queue_depth(queue) == 5  # nothing lost: all five wait for redelivery
+
+
+async def test_stopping_inside_the_window_logs_the_summary_before_agent_stopped(
+    broker: InMemoryBroker, mem: InMemoryTransport, settings: choreo.Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("choreo.runtime._SETTLE_REPORT_S", 3600)  # only stop() can report them
+    with structlog.testing.capture_logs() as logs:
+        worker, _ = await lose_acks(broker, mem, settings)
+        assert [e["event"] for e in settle_lines(logs)] == [FIRST]
+        await worker.stop()
+    events = [e["event"] for e in logs]
+    assert events.index(SUMMARY) < events.index("agent stopped")
+    assert settle_lines(logs)[1]["count"] == 4
+    runtime = worker.runtimes[0]
+    assert runtime._settle_report is None  # the timer is gone with the agent
