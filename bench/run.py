@@ -47,11 +47,12 @@ import secrets  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import statistics  # noqa: E402
+import struct  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Iterable, Sequence  # noqa: E402
+from collections.abc import Iterable, Iterator, Sequence  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from importlib import metadata  # noqa: E402
 from typing import Any  # noqa: E402
@@ -676,10 +677,9 @@ def saga_choreo(run: Run, rate: float, orders: int, *, beside: Sequence[str] | N
     stamps = stamping(run, step, env) if run.opts.stages and not beside else None
     workers: list[Child] = []
     result_file = run.tmp / f"{step}.json"
-    capture = run.tmp / f"{step}.pcap"
+    wired = run.opts.wire and not beside
     with contextlib.ExitStack() as wiring:
-        if run.opts.wire and not beside:
-            wiring.enter_context(wire_module().capture(capture))  # stopped once the workers are
+        capture = wiring.enter_context(start_capture(run.tmp / f"{step}.pcap")) if wired else None
         try:
             for name in SAGA_AGENT_NAMES:
                 cmd = [str(VENV_PY), "-m", "choreo", "worker", f"agents.{name}:agent", "--json-logs"]
@@ -725,8 +725,8 @@ def saga_choreo(run: Run, rate: float, orders: int, *, beside: Sequence[str] | N
     data.update(cpu_of(workers, window_cpu, orders, data.get("handled_events", 0)))
     if stamps is not None:
         data["stages"] = stages_summary(stamps)
-    if run.opts.wire and not beside:
-        data["wire"] = wire_summary(capture, queues)
+    if capture is not None:
+        data["wire"] = wire_summary(run, capture, queues)
     if any(codes):
         run.notes.append(f"saga at {rate:g}/s: worker exit codes {codes} (0 = clean drain)")
     return data
@@ -745,10 +745,8 @@ def cpu_of(workers: Sequence[Child], window_cpu: Sequence[float], orders: int, h
 
 def saga_raw(run: Run, rate: float, orders: int) -> dict[str, Any]:
     cmd = [str(VENV_PY), str(SHARED / "raw_latency.py"), str(orders), f"{rate:g}"]
-    capture = run.tmp / f"raw{rate:g}.pcap"
     with contextlib.ExitStack() as wiring:
-        if run.opts.wire:
-            wiring.enter_context(wire_module().capture(capture))
+        capture = wiring.enter_context(start_capture(run.tmp / f"raw{rate:g}.pcap")) if run.opts.wire else None
         try:
             proc = run_measured(cmd, env=run.env(), timeout=orders / rate + 90, what=f"raw_latency at {rate:g}/s")
         finally:
@@ -759,8 +757,8 @@ def saga_raw(run: Run, rate: float, orders: int) -> dict[str, Any]:
     p50, p99, top = (float(v) for v in match.groups())
     net = (proc.cpu_s - startup_cpu(run, "latency")) / orders * 1e6
     data = {"p50": p50, "p99": p99, "max": top, "cpu_us_per_msg": net, "wall_s": proc.wall_s}
-    if run.opts.wire:
-        data["wire"] = wire_summary(capture, BASELINE_NAMES["latency"][0])
+    if capture is not None:
+        data["wire"] = wire_summary(run, capture, BASELINE_NAMES["latency"][0])
     return data
 
 
@@ -1120,13 +1118,31 @@ def wire_module() -> Any:
     return wire
 
 
-def wire_summary(capture: Path, queues: Sequence[str]) -> dict[str, Any]:
-    """``--wire``: the broker's publish->deliver times for deliveries from ``queues`` (the
-    bench's taps, read after the run, are not among them), all together and per queue."""
+@contextlib.contextmanager
+def start_capture(path: Path) -> Iterator[Any]:
+    """``--wire``: tcpdump for the block (bench/wire.py); a capture that cannot start fails the step."""
     wire = wire_module()
-    by_queue = {q: v for q, v in wire.broker_latency(capture).items() if q in queues}
-    if not by_queue:
-        raise StepError(f"--wire: no delivery from {sorted(queues)} in {capture.name}")
+    try:
+        with wire.capture(path) as capture:
+            yield capture
+    except wire.CaptureError as exc:
+        raise StepError(f"--wire: {exc}") from exc
+
+
+def wire_summary(run: Run, capture: Any, queues: Sequence[str]) -> dict[str, Any] | None:
+    """``--wire``: the broker's publish->deliver times for deliveries from ``queues`` (the
+    bench's taps, read after the run, are not among them), all together and per queue. A
+    capture that cannot be read costs only this table (a note says why), not the step."""
+    wire = wire_module()
+    try:
+        if capture.problem:
+            raise ValueError(capture.problem)
+        by_queue = {q: v for q, v in wire.broker_latency(capture.path).items() if q in queues}
+        if not by_queue:
+            raise ValueError(f"no delivery from {sorted(queues)}")
+    except (ValueError, struct.error) as exc:
+        run.notes.append(f"--wire: {capture.path.name}: {exc}")
+        return None
     pooled = [v for values in by_queue.values() for v in values]
     return {"all": wire.summary_ms(pooled), "queues": {q: wire.summary_ms(v) for q, v in sorted(by_queue.items())}}
 

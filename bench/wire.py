@@ -37,10 +37,14 @@ from choreo_client import summary_ms  # nearest-rank, as every other figure of t
 
 AMQP_PORT = 5672
 _FRAME_METHOD, _FRAME_HEADER, _FRAME_BODY = 1, 2, 3
+_FRAME_TYPES = (1, 2, 3, 8)  # 8: heartbeat
+_MAX_FRAME = 1 << 24  # far above any frame_max a broker grants; a larger size is not a frame header
 _BASIC = 60
 _CONSUME, _CONSUME_OK, _PUBLISH, _DELIVER = 20, 21, 40, 60
 
-Flow = tuple[int, int]  # (source port, destination port) on loopback
+Flow = tuple[bytes, int, bytes, int]  # (source address, port, destination address, port)
+Connection = tuple[bytes, int]  # the client's end: (address, port)
+Consumer = tuple[Connection, int, str]  # (connection, channel, consumer tag): tags are per channel
 
 
 def why_not() -> str | None:
@@ -52,13 +56,25 @@ def why_not() -> str | None:
     return None
 
 
+class CaptureError(RuntimeError):
+    """tcpdump did not start."""
+
+
+@dataclass
+class Capture:
+    path: Path
+    problem: str | None = None  # set on exit if tcpdump reported dropped packets
+
+
 @contextlib.contextmanager
-def capture(path: Path, port: int = AMQP_PORT, *, ready_timeout: float = 10.0) -> Iterator[Path]:
+def capture(path: Path, port: int = AMQP_PORT, *, ready_timeout: float = 10.0) -> Iterator[Capture]:
     """``tcpdump`` writes every AMQP packet on ``lo`` to ``path`` while the block runs.
 
     Returns once tcpdump says it listens, so nothing the block sends is missed; on exit it is
-    stopped with SIGINT, which flushes the file. Fails if tcpdump dropped packets: a capture
-    with gaps cannot be reassembled into frames."""
+    stopped with SIGINT, which flushes the file. Raises :class:`CaptureError` if tcpdump does
+    not start. Dropped packets do not raise (the block's own results stand): they are reported in
+    :attr:`Capture.problem`, since such a capture cannot be reassembled into frames."""
+    result = Capture(path)
     log = path.with_suffix(".log")
     with log.open("wb") as err:
         proc = subprocess.Popen(
@@ -69,29 +85,29 @@ def capture(path: Path, port: int = AMQP_PORT, *, ready_timeout: float = 10.0) -
             stdout=subprocess.DEVNULL,
             stderr=err,
         )
-    deadline = time.monotonic() + ready_timeout
-    while b"listening on" not in log.read_bytes():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"tcpdump did not start: {log.read_text(errors='replace')[-300:]}")
-        time.sleep(0.02)
     try:
-        yield path
+        deadline = time.monotonic() + ready_timeout
+        while b"listening on" not in log.read_bytes():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise CaptureError(f"tcpdump did not start: {log.read_text(errors='replace')[-300:]}")
+            time.sleep(0.02)
+        yield result
     finally:
-        proc.send_signal(signal.SIGINT)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
-    text = log.read_text(errors="replace")
-    for line in text.splitlines():
+            proc.wait()
+    for line in log.read_text(errors="replace").splitlines():
         if line.endswith("packets dropped by kernel") and not line.startswith("0 "):
-            raise RuntimeError(f"tcpdump dropped packets ({line}); the capture has gaps")
+            result.problem = f"tcpdump dropped packets ({line}): the capture has gaps"
 
 
 # pcap -> TCP flows ----------------------------------------------------------------------------
 def _packets(path: Path) -> Iterator[tuple[float, Flow, int, bytes]]:
-    """(time, (sport, dport), seq, payload) of each TCP segment with data."""
+    """(time, flow, seq, payload) of each TCP segment with data."""
     data = path.read_bytes()
     magic = data[:4]
     if magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1"):
@@ -116,15 +132,15 @@ def _packets(path: Path) -> Iterator[tuple[float, Flow, int, bytes]]:
             raise ValueError(f"{path}: link type {link} not supported")
         if ethertype == 0x0800 and ip[9] == 6:
             header_len, total = (ip[0] & 0x0F) * 4, struct.unpack_from(">H", ip, 2)[0]
-            tcp = ip[header_len:total]
+            tcp, src, dst = ip[header_len:total], ip[12:16], ip[16:20]
         elif ethertype == 0x86DD and ip[6] == 6:
-            tcp = ip[40 : 40 + struct.unpack_from(">H", ip, 4)[0]]
+            tcp, src, dst = ip[40 : 40 + struct.unpack_from(">H", ip, 4)[0]], ip[8:24], ip[24:40]
         else:
             continue
         sport, dport, seq = struct.unpack_from(">HHI", tcp, 0)
         payload = tcp[(tcp[12] >> 4) * 4 :]
         if payload:
-            yield sec + frac * scale, (sport, dport), seq, payload
+            yield sec + frac * scale, (src, sport, dst, dport), seq, payload
 
 
 @dataclass
@@ -137,10 +153,19 @@ class _Stream:
     segments: list[tuple[float, int, bytes]] = field(default_factory=list)
 
     def assemble(self) -> None:
+        """Orders the segments by sequence number, whichever was captured first. Serial-number
+        arithmetic (RFC 1982) places each against the first captured one, so a stream that
+        wraps past 2**32, or a segment captured after a later one, still lands in place."""
         first = self.segments[0][1]
-        self.segments.sort(key=lambda s: ((s[1] - first) % 2**32, s[0]))
-        for at, seq, payload in self.segments:
+
+        def relative(seq: int) -> int:
             offset = (seq - first) % 2**32
+            return offset - 2**32 if offset >= 2**31 else offset
+
+        self.segments.sort(key=lambda s: (relative(s[1]), s[0]))
+        base = relative(self.segments[0][1])
+        for at, seq, payload in self.segments:
+            offset = relative(seq) - base
             if offset + len(payload) <= len(self.data):
                 continue  # a retransmission of what we have
             if offset > len(self.data):
@@ -173,9 +198,8 @@ def _shortstr(buf: bytes, pos: int) -> tuple[str, int]:
 @dataclass
 class _Message:
     method: int
-    at: float  # capture time of the last byte of the method frame (deliver: its consumer tag)
-    tag: str
-    size: int = -1
+    detail: str  # publish: the exchange; deliver: the consumer tag
+    size: int = -1  # from the content header
     body: bytearray = field(default_factory=bytearray)
 
 
@@ -189,9 +213,13 @@ def _messages(stream: _Stream) -> Iterator[tuple[str, int, float, str, bytes]]:
     open_: dict[int, _Message] = {}
     while pos + 7 <= len(data):
         kind, channel, size = struct.unpack_from(">BHI", data, pos)
+        if kind not in _FRAME_TYPES or size > _MAX_FRAME:
+            raise ValueError(f"no AMQP frame at byte {pos}: the stream is not read from a frame's start")
         end = pos + 7 + size + 1
         if end > len(data):
-            break
+            break  # the capture ended inside this frame
+        if data[end - 1] != 0xCE:
+            raise ValueError(f"no AMQP frame end at byte {end - 1}: the stream is not read from a frame's start")
         payload = bytes(data[pos + 7 : end - 1])
         pos = end
         if kind == _FRAME_METHOD:
@@ -200,10 +228,10 @@ def _messages(stream: _Stream) -> Iterator[tuple[str, int, float, str, bytes]]:
                 continue
             if method == _PUBLISH:
                 exchange, _ = _shortstr(payload, 6)
-                open_[channel] = _Message(method, 0.0, exchange)
+                open_[channel] = _Message(method, exchange)
             elif method == _DELIVER:
                 tag, _ = _shortstr(payload, 4)
-                open_[channel] = _Message(method, 0.0, tag)
+                open_[channel] = _Message(method, tag)
             elif method == _CONSUME:
                 queue, after = _shortstr(payload, 6)
                 tag, _ = _shortstr(payload, after)
@@ -220,7 +248,7 @@ def _messages(stream: _Stream) -> Iterator[tuple[str, int, float, str, bytes]]:
         if message is not None and message.size >= 0 and len(message.body) >= message.size:
             del open_[channel]
             name = "publish" if message.method == _PUBLISH else "deliver"
-            yield name, channel, stream.time_of(end), message.tag, bytes(message.body)
+            yield name, channel, stream.time_of(end), message.detail, bytes(message.body)
 
 
 def _digest(body: bytes) -> bytes:
@@ -231,34 +259,34 @@ def broker_latency(path: Path, port: int = AMQP_PORT) -> dict[str, list[float]]:
     """Publish-in to deliver-out times in seconds, by the queue each delivery came from."""
     streams = _streams(path)
     published: dict[bytes, float] = {}
-    deliveries: list[tuple[Flow, str, float, bytes]] = []
-    tags: dict[tuple[int, str], str] = {}  # (client port, consumer tag) -> queue
-    asked: dict[tuple[int, int], list[str]] = defaultdict(list)  # (client port, channel) -> queues
-    answers: list[tuple[int, int, str]] = []
-    for flow, stream in sorted(streams.items(), key=lambda kv: kv[0][1] != port):  # client -> broker first
-        to_broker = flow[1] == port
-        client = flow[0] if to_broker else flow[1]
+    deliveries: list[tuple[Consumer, float, bytes]] = []
+    tags: dict[Consumer, str] = {}  # -> queue
+    asked: dict[tuple[Connection, int], list[str]] = defaultdict(list)  # consumes awaiting a broker-named tag
+    answers: list[Consumer] = []
+    for flow, stream in sorted(streams.items(), key=lambda kv: kv[0][3] != port):  # client -> broker first
+        to_broker = flow[3] == port
+        client: Connection = (flow[0], flow[1]) if to_broker else (flow[2], flow[3])
         for kind, channel, at, detail, body in _messages(stream):
             if kind == "publish" and to_broker:
                 published.setdefault(_digest(body), at)
             elif kind == "deliver" and not to_broker:
-                deliveries.append((flow, detail, at, body))
+                deliveries.append(((client, channel, detail), at, body))
             elif kind == "consume" and to_broker:
                 queue, tag = detail.split("\0")
                 if tag:
-                    tags[client, tag] = queue
+                    tags[client, channel, tag] = queue
                 else:
                     asked[client, channel].append(queue)
             elif kind == "consume-ok" and not to_broker:
                 answers.append((client, channel, detail))
-    for client, channel, tag in answers:  # a broker-named tag answers the oldest open consume
-        if (client, tag) not in tags and asked[client, channel]:
-            tags[client, tag] = asked[client, channel].pop(0)
+    for consumer in answers:  # a broker-named tag answers the oldest open consume of its channel
+        if consumer not in tags and asked[consumer[:2]]:
+            tags[consumer] = asked[consumer[:2]].pop(0)
     out: dict[str, list[float]] = defaultdict(list)
     seen: set[tuple[str, bytes]] = set()
-    for flow, tag, at, body in sorted(deliveries, key=lambda d: d[2]):
+    for consumer, at, body in sorted(deliveries, key=lambda d: d[1]):
         key = _digest(body)
-        queue = tags.get((flow[1], tag), f"?{tag}")
+        queue = tags.get(consumer, f"?{consumer[2]}")
         sent = published.get(key)
         # Only a message's first delivery from a queue: a redelivery, or a delayed retry's
         # return from its tier (the broker dead-letters it back: no publish on the wire), is

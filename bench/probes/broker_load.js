@@ -8,12 +8,13 @@ const amqp = require('amqplib');
 const RATE = +process.argv[2], SECONDS = +process.argv[3], QUEUES = +(process.argv[4] || 4);
 const PREFIX = `probe.load.${process.pid}`;
 const body = Buffer.alloc(900, 'x'); // about a choreo envelope's size
+let conn = null;
+const queues = [...Array(QUEUES).keys()].map(i => `${PREFIX}.q${i}`);
 (async () => {
-  const conn = await amqp.connect(process.env.AMQP_URL || 'amqp://guest:guest@127.0.0.1');
+  conn = await amqp.connect(process.env.AMQP_URL || 'amqp://guest:guest@127.0.0.1');
   const pub = await conn.createConfirmChannel();
   const sub = await conn.createChannel();
   await sub.prefetch(256);
-  const queues = [...Array(QUEUES).keys()].map(i => `${PREFIX}.q${i}`);
   const tags = [];
   let acked = 0;
   for (const q of queues) {
@@ -40,4 +41,14 @@ const body = Buffer.alloc(900, 'x'); // about a choreo envelope's size
   for (const q of queues) await pub.deleteQueue(q);
   await conn.close();
   console.log(`broker_load: ${sent} messages in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
-})().catch(err => { console.error(err); process.exit(1); });
+})().catch(async err => {
+  console.error(err);
+  // Durable queues outlive this process: delete them on a fresh channel (the failed one may be closed).
+  try {
+    const ch = await conn.createChannel();
+    for (const q of queues) await ch.deleteQueue(q);
+  } catch (cleanup) {
+    console.error(`broker_load: could not delete ${queues.join(', ')}: ${cleanup}`);
+  }
+  process.exit(1);
+});

@@ -44,6 +44,8 @@ def beside(kind: str, amount: int) -> Iterator[None]:
         env = {**os.environ, "NODE_PATH": str(BENCH / ".node" / "node_modules")}
         procs.append(subprocess.Popen(["node", str(BENCH / "probes" / "broker_load.js"), str(amount), "600"], env=env))
         time.sleep(2)  # its queues declared and consumed, its pace reached
+        if procs[0].poll() is not None:  # e.g. no amqplib: the row would claim a load that never ran
+            raise SystemExit(f"broker_load.js exited at once ({procs[0].returncode}); see its error above")
     elif kind == "burn":
         script = str(BENCH / "probes" / "cpu_burn.py")
         procs += [subprocess.Popen([sys.executable, script, "0.5", "1.7", "600"]) for _ in range(amount)]
@@ -51,9 +53,14 @@ def beside(kind: str, amount: int) -> Iterator[None]:
         yield
     finally:
         for proc in procs:
-            proc.send_signal(signal.SIGTERM)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
         for proc in procs:
-            proc.wait(timeout=60)
+            try:
+                proc.wait(timeout=60)  # broker_load.js deletes its queues first
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 async def delete_raw_names() -> None:
@@ -67,9 +74,8 @@ async def delete_raw_names() -> None:
 
 
 def one(kind: str, amount: int, messages: int, rate: float, scratch: Path) -> str:
-    capture = scratch / f"{kind}.pcap"
     try:
-        with wire.capture(capture), beside(kind, amount):
+        with wire.capture(scratch / f"{kind}.pcap") as capture, beside(kind, amount):
             out = subprocess.run(
                 [sys.executable, str(SHARED / "raw_latency.py"), str(messages), f"{rate:g}"],
                 capture_output=True,
@@ -82,7 +88,12 @@ def one(kind: str, amount: int, messages: int, rate: float, scratch: Path) -> st
     match = LAT.search(out)
     if match is None:
         raise SystemExit(f"raw_latency printed no figures: {out!r}")
-    broker = summary_ms(wire.broker_latency(capture)[RAW_QUEUE])
+    if capture.problem:
+        raise SystemExit(capture.problem)
+    delivered = wire.broker_latency(capture.path).get(RAW_QUEUE)
+    if not delivered:
+        raise SystemExit(f"no delivery from {RAW_QUEUE} in the capture")
+    broker = summary_ms(delivered)
     label = {"alone": "alone", "node-load": f"beside {amount}/s of Node.js load", "burn": f"beside {amount} burners"}
     return (
         f"{label[kind]:<34} hop p50 {match[1]:>5} ms  p99 {match[2]:>5} ms | "
