@@ -3,8 +3,9 @@
 ``bench/run.py --wire`` runs ``tcpdump`` on the loopback interface while each saga step runs
 and hands the capture to :func:`broker_latency`. For every message a client published and the
 broker delivered, the latency is the capture time of the packet that completed the delivery
-minus that of the packet that completed the publish (both cross ``lo``, so one clock, and no
-client's scheduling is inside it). That splits a hop into what the broker takes and what the
+minus that of the packet that completed the publish (both cross ``lo``, so one clock). No
+client's scheduling is inside it unless a consumer's prefetch window or socket buffer is full,
+which holds its deliveries back. That splits a hop into what the broker takes and what the
 two clients take, which the clients' own stamps (``--stages``) cannot: there, a broker leg
 includes the receiving process's wake-up.
 
