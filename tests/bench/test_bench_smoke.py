@@ -19,20 +19,25 @@ import wire  # noqa: E402
 NUMBER = r"\d+(?:\.\d+)?"
 
 
-def test_quick_bench_runs_and_prints_the_ratio_line(amqp_url: str) -> None:
+def quick_bench(amqp_url: str, *args: str) -> tuple[str, str]:
+    """``bench/run.py --quick`` with ``args`` on the local broker: (stdout, stdout + stderr),
+    once it exited 0. Skips where the broker is not the local one on 5672: the shared baseline
+    scripts and the loopback capture only reach that one."""
     parsed = urlparse(amqp_url)
     if parsed.hostname not in ("127.0.0.1", "localhost") or (parsed.port or 5672) != 5672:
         pytest.skip("the shared baseline scripts only talk to the local broker on 127.0.0.1:5672")
-    command = [
-        sys.executable,
-        str(ROOT / "bench" / "run.py"),
-        *("--quick", "--count", "300", "--only", "choreo,raw", "--saga-seconds", "2"),
-        *("--saga-beside", "--stages", "--no-write", "--url", amqp_url),
-    ]
+    command = [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", *args, "--no-write", "--url", amqp_url]
     done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=ROOT, check=False)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-3000:]
-    last = done.stdout.strip().splitlines()[-1]
+    return done.stdout, output
+
+
+def test_quick_bench_runs_and_prints_the_ratio_line(amqp_url: str) -> None:
+    stdout, output = quick_bench(
+        amqp_url, *("--count", "300", "--only", "choreo,raw", "--saga-seconds", "2", "--saga-beside", "--stages")
+    )
+    last = stdout.strip().splitlines()[-1]
     assert last.startswith("ratios: "), output[-3000:]
     for pattern in (
         rf"consume choreo/raw={NUMBER}x",
@@ -43,27 +48,18 @@ def test_quick_bench_runs_and_prints_the_ratio_line(amqp_url: str) -> None:
         rf"rss idle={NUMBER}MB warm={NUMBER}MB growth=[+-]{NUMBER}MB",
     ):
         assert re.search(pattern, last), f"{pattern!r} not in {last!r}"
-    assert "FAILED" not in done.stdout, output[-3000:]
+    assert "FAILED" not in stdout, output[-3000:]
     # --stages: the workers' stamps joined into one row per stage, each with figures.
     for stage in ("hop", "a_send", "a_flush", "broker", "b_queue", "b_claim", "b_handler"):
-        assert re.search(rf"^100/s\s+{stage}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}", done.stdout, re.M), stage
+        assert re.search(rf"^100/s\s+{stage}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}", stdout, re.M), stage
 
 
 def test_wire_reports_the_brokers_own_time_for_the_saga_and_raw(amqp_url: str) -> None:
     if (why := wire.why_not()) is not None:
         pytest.skip(f"--wire: {why}")
-    parsed = urlparse(amqp_url)
-    if parsed.hostname not in ("127.0.0.1", "localhost") or (parsed.port or 5672) != 5672:
-        pytest.skip("--wire captures port 5672 on the loopback interface")
-    command = [
-        sys.executable,
-        str(ROOT / "bench" / "run.py"),
-        *("--quick", "--steps", "saga", "--only", "choreo,raw", "--saga-seconds", "2"),
-        *("--no-saga-beside", "--wire", "--no-write", "--url", amqp_url),
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=ROOT, check=False)
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output[-3000:]
-    assert "--wire:" not in done.stdout, output[-3000:]  # no capture problem noted
+    stdout, output = quick_bench(
+        amqp_url, *("--steps", "saga", "--only", "choreo,raw", "--saga-seconds", "2", "--no-saga-beside", "--wire")
+    )
+    assert "--wire:" not in stdout, output[-3000:]  # no capture problem noted
     for label in (r"choreo saga: the 4 agent queues", r"raw one-hop \(raw_latency\.py\)"):
-        assert re.search(rf"^100/s\s+{label}\s+[\d,]+\s+{NUMBER}\s+{NUMBER}", done.stdout, re.M), label
+        assert re.search(rf"^100/s\s+{label}\s+[\d,]+\s+{NUMBER}\s+{NUMBER}", stdout, re.M), label
