@@ -1524,6 +1524,15 @@ def parse(argv: Sequence[str]) -> Options:
         if unknown:
             parser.error(f"{name}: unknown {', '.join(sorted(unknown))} (choose from {', '.join(allowed)})")
     rates = args.saga_rates or ("100" if quick else "100,300")
+    try:
+        saga_rates = tuple(float(r) for r in rates.split(",") if r.strip())
+    except ValueError:
+        parser.error(f"--saga-rates: not a list of numbers: {rates!r}")
+    if any(r <= 0 for r in saga_rates):
+        parser.error(f"--saga-rates: rates must be above 0, got {rates!r}")
+    if len(set(saga_rates)) != len(saga_rates):
+        # each rate names its queues and scratch files, so a repeated rate would collide
+        parser.error(f"--saga-rates: a rate is repeated in {rates!r} (each rate runs once; rerun to repeat one)")
     output: Path | None = None
     if not args.no_write:
         output = args.output or (QUICK_REPORT if quick else FULL_REPORT)
@@ -1533,7 +1542,7 @@ def parse(argv: Sequence[str]) -> Options:
         repeat=args.repeat or (1 if quick else 3),
         clients=clients,
         steps=steps,
-        saga_rates=tuple(float(r) for r in rates.split(",") if r.strip()),
+        saga_rates=saga_rates,
         saga_seconds=args.saga_seconds or (8.0 if quick else 20.0),
         saga_beside=(not quick) if args.saga_beside is None else bool(args.saga_beside),
         memory_count=args.memory_count or (n if quick else 100_000),
