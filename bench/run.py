@@ -52,7 +52,7 @@ import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Iterable, Iterator, Sequence  # noqa: E402
+from collections.abc import Callable, Iterable, Iterator, Sequence  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from importlib import metadata  # noqa: E402
 from typing import Any  # noqa: E402
@@ -408,6 +408,7 @@ class Options:
     profile_rate: int
     stages: bool = False
     wire: bool = False
+    saga_rounds: int = 1
 
 
 @dataclass
@@ -656,10 +657,12 @@ SAGA_AGENT_NAMES = ("inventory", "payments", "shipping", "orders")
 LAT = re.compile(r"p50=([\d.]+)ms p99=([\d.]+)ms max=([\d.]+)ms")
 
 
-def saga_choreo(run: Run, rate: float, orders: int, *, beside: Sequence[str] | None = None) -> dict[str, Any]:
+def saga_choreo(
+    run: Run, rate: float, orders: int, *, beside: Sequence[str] | None = None, suffix: str = ""
+) -> dict[str, Any]:
     """The choreo saga at ``rate``; with ``beside``, that command runs alongside the orders
-    (its stdout is returned as ``beside_out``)."""
-    step = f"saga{rate:g}" + ("-beside" if beside else "")
+    (its stdout is returned as ``beside_out``). ``suffix`` tells rounds' names apart."""
+    step = f"saga{rate:g}{suffix}" + ("-beside" if beside else "")
     exchange, prefix, state = run.namespace(step)
     queues: list[str] = []
     for name in SAGA_AGENT_NAMES:
@@ -743,10 +746,11 @@ def cpu_of(workers: Sequence[Child], window_cpu: Sequence[float], orders: int, h
     }
 
 
-def saga_raw(run: Run, rate: float, orders: int) -> dict[str, Any]:
+def saga_raw(run: Run, rate: float, orders: int, suffix: str = "") -> dict[str, Any]:
     cmd = [str(VENV_PY), str(SHARED / "raw_latency.py"), str(orders), f"{rate:g}"]
     with contextlib.ExitStack() as wiring:
-        capture = wiring.enter_context(start_capture(run.tmp / f"raw{rate:g}.pcap")) if run.opts.wire else None
+        pcap = run.tmp / f"raw{rate:g}{suffix}.pcap"
+        capture = wiring.enter_context(start_capture(pcap)) if run.opts.wire else None
         try:
             proc = run_measured(cmd, env=run.env(), timeout=orders / rate + 90, what=f"raw_latency at {rate:g}/s")
         finally:
@@ -756,7 +760,7 @@ def saga_raw(run: Run, rate: float, orders: int) -> dict[str, Any]:
         raise StepError(f"raw_latency: no p50/p99 in {proc.out.strip()!r}")
     p50, p99, top = (float(v) for v in match.groups())
     net = (proc.cpu_s - startup_cpu(run, "latency")) / orders * 1e6
-    data = {"p50": p50, "p99": p99, "max": top, "cpu_us_per_msg": net, "wall_s": proc.wall_s}
+    data: dict[str, Any] = {"p50": p50, "p99": p99, "max": top, "cpu_us_per_msg": net, "wall_s": proc.wall_s}
     if capture is not None:
         data["wire"] = wire_summary(run, capture, BASELINE_NAMES["latency"][0])
     return data
@@ -1014,6 +1018,11 @@ def saturated(c: dict[str, Any]) -> bool:
     return bool(c["throughput_per_s"] < 0.95 * c["offered_per_s"] or c["ended"] < c["orders"])
 
 
+def by_round(rounds: Sequence[dict[str, Any]], p99: Callable[[dict[str, Any]], float], fmt: str) -> str:
+    """`` (a, b, c)``: every round's hop p99 in run order, after the median round's; empty for one round."""
+    return f" ({', '.join(fmt.format(p99(r)) for r in rounds)})" if len(rounds) > 1 else ""
+
+
 def saga_rows(run: Run) -> list[list[str]]:
     rows = []
     for s in run.sagas:
@@ -1028,7 +1037,7 @@ def saga_rows(run: Run) -> list[list[str]]:
                     f"{c['offered_per_s']:.0f}",
                     f"{c['throughput_per_s']:.0f}" + (" (saturated)" if saturated(c) else ""),
                     f"{c['hop_ms']['p50']:.0f}",
-                    f"{c['hop_ms']['p99']:.0f}",
+                    f"{c['hop_ms']['p99']:.0f}" + by_round(s["choreo_rounds"], choreo_p99, "{:.0f}"),
                     f"{c['saga_ms']['p50']:.0f}",
                     f"{c['saga_ms']['p99']:.0f}",
                     f"{c['worker_cpu_us_per_order']:,.0f} per order, "
@@ -1045,7 +1054,7 @@ def saga_rows(run: Run) -> list[list[str]]:
                     f"≤{s['rate']:g}",
                     "",
                     f"{r['p50']:.2f}",
-                    f"{r['p99']:.2f}",
+                    f"{r['p99']:.2f}" + by_round(s["raw_rounds"], raw_p99, "{:.2f}"),
                     "",
                     "",
                     f"{r['cpu_us_per_msg']:,.0f} per msg",
@@ -1388,9 +1397,13 @@ def write_report(run: Run, path: Path, info: dict[str, str], ratios: str) -> Non
         "workers' user+sys while the orders ran (from /proc, start-up excluded), per order and per handled "
         "event (each event once per agent subscribed to it: consume, verify, dedup, state, publish, ack). "
         "*Done /s* = orders ended / (last final event - first order); below 95 % of the offered rate it is "
-        "marked *saturated*: the workers did not keep up, and the latencies then measure the backlog. There is "
-        "one saga run per rate, so its latencies vary more from run to run than the throughput medians; "
-        "compare them with the raw one-hop figures of the same run.",
+        "marked *saturated*: the workers did not keep up, and the latencies then measure the backlog. "
+        f"Rounds: {o.saga_rounds} per rate (`--saga-rounds`), each a choreo saga run then a raw one-hop run, "
+        "every rate once per round, so a slow spell of the machine lands on both sides. A single run's p99 "
+        "moves a lot (a spell of a second or two holds 1 % of the hops): the tables show, for choreo and "
+        "for raw alike, the round with the median hop p99 (its per-hop, CPU, stage and wire figures are "
+        "that round's), with every round's p99 in brackets, in run order; the ratio line divides the two "
+        "medians.",
         "- Raw one-hop: `raw_latency.py N RATE` with the same N and rate: publish (confirmed) to consumer "
         "callback on one quorum queue, perf_counter resolution; it paces with `sleep(1/RATE)`, so its real "
         "rate is at most the nominal one. Its CPU is the process's, minus start-up, per message.",
@@ -1489,6 +1502,11 @@ def parse(argv: Sequence[str]) -> Options:
     parser.add_argument("--steps", default=",".join(STEPS), help=f"of {','.join(STEPS)}")
     parser.add_argument("--saga-rates", help="orders per second, comma-separated (full 100,300; quick 100)")
     parser.add_argument("--saga-seconds", type=float, help="seconds of orders per rate (full 20, quick 8)")
+    parser.add_argument(
+        "--saga-rounds",
+        type=int,
+        help="saga and raw one-hop runs per rate, alternating; the median round is reported (full 3, quick 1)",
+    )
     parser.add_argument("--memory-count", type=int, help="messages through the memory worker (full 100000)")
     parser.add_argument("--url", default=DEFAULT_URL)
     parser.add_argument("--output", type=Path, help="report path (default docs/benchmarks.md; quick: bench/out/)")
@@ -1533,6 +1551,8 @@ def parse(argv: Sequence[str]) -> Options:
     if len(set(saga_rates)) != len(saga_rates):
         # each rate names its queues and scratch files, so a repeated rate would collide
         parser.error(f"--saga-rates: a rate is repeated in {rates!r} (each rate runs once; rerun to repeat one)")
+    if args.saga_rounds is not None and args.saga_rounds < 1:
+        parser.error(f"--saga-rounds: at least 1, got {args.saga_rounds}")
     output: Path | None = None
     if not args.no_write:
         output = args.output or (QUICK_REPORT if quick else FULL_REPORT)
@@ -1554,6 +1574,7 @@ def parse(argv: Sequence[str]) -> Options:
         profile_rate=args.profile_rate,
         stages=bool(args.stages),
         wire=bool(args.wire),
+        saga_rounds=args.saga_rounds or (1 if quick else 3),
     )
 
 
@@ -1615,21 +1636,35 @@ def sweep(run: Run, before: list[str] | None) -> None:
     )
 
 
+def saga_plan(opts: Options) -> list[tuple[str, str, int, int]]:
+    """The saga steps as (step, client, rate index, round). Rounds are outermost and choreo and
+    raw alternate within each, so a slow spell of the machine lands on both sides rather than on
+    one rate or one client. The raw-beside runs (one per rate) come after every round."""
+    plan = [
+        ("saga", c, i, rnd)
+        for rnd in range(opts.saga_rounds)
+        for i in range(len(opts.saga_rates))
+        for c in ("choreo", "raw")
+        if c in opts.clients
+    ]
+    if opts.saga_beside and {"choreo", "raw"} <= set(opts.clients):
+        plan += [("saga", "raw-beside", i, 0) for i in range(len(opts.saga_rates))]
+    return plan
+
+
 def execute(run: Run, meter: LoadMeter) -> None:
     opts = run.opts
-    plan: list[tuple[str, str, int]] = []
+    # (step, client, index, round): index is the throughput round, or the saga rate's position
+    plan: list[tuple[str, str, int, int]] = []
     if "throughput" in opts.steps:
         say("preparing clients")
         clients = prepare_clients(run)
-        plan += [("throughput", c, r) for r in range(opts.repeat) for c in clients]
+        plan += [("throughput", c, r, 0) for r in range(opts.repeat) for c in clients]
     if "saga" in opts.steps:
-        for i in range(len(opts.saga_rates)):
-            plan += [("saga", c, i) for c in ("choreo", "raw") if c in opts.clients]
-            if opts.saga_beside and {"choreo", "raw"} <= set(opts.clients):
-                plan.append(("saga", "raw-beside", i))
+        plan += saga_plan(opts)
     if "memory" in opts.steps and "choreo" in opts.clients:
-        plan.append(("memory", "choreo", 0))
-    for i, (step, client, index) in enumerate(plan, 1):
+        plan.append(("memory", "choreo", 0, 0))
+    for i, (step, client, index, rnd) in enumerate(plan, 1):
         t0 = meter.snapshot()
         prefix = f"[{i}/{len(plan)}]"
         digest = tree_digest()
@@ -1642,7 +1677,7 @@ def execute(run: Run, meter: LoadMeter) -> None:
         attempts = 1 if client.startswith("choreo") else 2
         for attempt in range(1, attempts + 1):
             try:
-                summary = run_step(run, step, client, index, prefix)
+                summary = run_step(run, step, client, index, rnd=rnd, prefix=prefix)
                 break
             except StepError as exc:
                 if attempt < attempts:
@@ -1651,51 +1686,74 @@ def execute(run: Run, meter: LoadMeter) -> None:
                     continue
                 summary = f"FAILED: {exc}"
                 if step == "saga":
-                    run.saga_by_rate[opts.saga_rates[index]]["errors"][client] = str(exc)
+                    errors = run.saga_by_rate[opts.saga_rates[index]]["errors"]
+                    errors[client if opts.saga_rounds == 1 else f"{client} (round {rnd + 1})"] = str(exc)
                 elif step == "throughput":
                     run.throughput.setdefault(client, Throughput(client)).errors.append(str(exc))
                 (run.failed if client.startswith("choreo") else run.notes).append(str(exc))
         load = LoadMeter.between(t0, meter.snapshot())
-        run.load[f"{step} {client} #{index + 1}"] = load
+        run.load[f"{step} {client} #{index + 1}" + (f" round {rnd + 1}" if step == "saga" else "")] = load
         say(f"  {summary} [{load['wall_s']:.1f}s; other processes {load['other_cores']:.2f} cores]")
 
 
-def run_step(run: Run, step: str, client: str, index: int, prefix: str) -> str:
+def run_step(run: Run, step: str, client: str, index: int, *, rnd: int, prefix: str) -> str:
     if step == "throughput":
         say(f"{prefix} {LABELS[client]}: publish + consume {run.opts.n:,} (round {index + 1}/{run.opts.repeat})")
         return throughput_once(run, client, index)
     if step == "saga":
-        return saga_once(run, client, index, prefix)
+        return saga_once(run, client, index, rnd, prefix)
     say(f"{prefix} memory: idle choreo worker, then {run.opts.memory_count:,} messages")
     return memory_step(run)
 
 
-def saga_once(run: Run, client: str, index: int, prefix: str) -> str:
+def median_round(rounds: Sequence[dict[str, Any]], p99: Callable[[dict[str, Any]], float]) -> dict[str, Any]:
+    """The round whose hop p99 is the median (of an even count, the higher of the two middle
+    ones). Choreo and raw are each picked by this same rule, so neither side gets its best round
+    against the other's median; the tables show every round's p99 beside it."""
+    return sorted(rounds, key=p99)[len(rounds) // 2]
+
+
+def choreo_p99(data: dict[str, Any]) -> float:
+    return float(data["hop_ms"]["p99"])
+
+
+def raw_p99(data: dict[str, Any]) -> float:
+    return float(data["p99"])
+
+
+def saga_once(run: Run, client: str, index: int, rnd: int, prefix: str) -> str:
     rate = run.opts.saga_rates[index]
     orders = max(4, round(rate * run.opts.saga_seconds))
     if rate not in run.saga_by_rate:
-        run.saga_by_rate[rate] = {"rate": rate, "orders": orders, "errors": {}}
+        run.saga_by_rate[rate] = {"rate": rate, "orders": orders, "errors": {}, "choreo_rounds": [], "raw_rounds": []}
         run.sagas.append(run.saga_by_rate[rate])
     entry = run.saga_by_rate[rate]
+    rounds = run.opts.saga_rounds
+    suffix = f"-r{rnd + 1}" if rounds > 1 else ""
+    of = f" (round {rnd + 1}/{rounds})" if rounds > 1 and client != "raw-beside" else ""
     if client == "raw":
-        say(f"{prefix} raw aio-pika one-hop latency: {orders:,} messages at {rate:g}/s")
-        entry["raw"] = saga_raw(run, rate, orders)
-        return f"p50 {entry['raw']['p50']:.2f} ms, p99 {entry['raw']['p99']:.2f} ms"
+        say(f"{prefix} raw aio-pika one-hop latency: {orders:,} messages at {rate:g}/s{of}")
+        raw = saga_raw(run, rate, orders, suffix)
+        entry["raw_rounds"].append(raw)
+        entry["raw"] = median_round(entry["raw_rounds"], raw_p99)
+        return f"p50 {raw['p50']:.2f} ms, p99 {raw['p99']:.2f} ms"
     if client == "raw-beside":
         say(f"{prefix} raw aio-pika one-hop latency at {rate:g}/s beside a {rate:g}/s choreo saga (same broker load)")
         entry["raw_beside"] = saga_raw_beside(run, rate, orders)
         b = entry["raw_beside"]
         return f"p50 {b['p50']:.2f} ms, p99 {b['p99']:.2f} ms (the saga beside it: hop p99 {b['saga_hop_p99']:.0f} ms)"
-    say(f"{prefix} saga: {orders:,} orders at {rate:g}/s through 4 choreo workers")
-    data = saga_choreo(run, rate, orders)
-    entry["choreo"] = data
+    say(f"{prefix} saga: {orders:,} orders at {rate:g}/s through 4 choreo workers{of}")
+    data = saga_choreo(run, rate, orders, suffix=suffix)
+    entry["choreo_rounds"].append(data)
+    entry["choreo"] = median_round(entry["choreo_rounds"], choreo_p99)
     hop, whole = data["hop_ms"], data["saga_ms"]
     summary = (
         f"ended {data['ended']}/{orders}, {data['throughput_per_s']:.0f} orders/s, hop p50/p99 "
         f"{hop['p50']:.0f}/{hop['p99']:.0f} ms, saga p50/p99 {whole['p50']:.0f}/{whole['p99']:.0f} ms"
     )
     if data["problem_count"]:
-        run.failed.append(f"saga at {rate:g}/s: {data['problem_count']} problems {data['problems']}")
+        where = f"saga at {rate:g}/s" + (f", round {rnd + 1}" if rounds > 1 else "")
+        run.failed.append(f"{where}: {data['problem_count']} problems {data['problems']}")
         summary += f", {data['problem_count']} PROBLEMS: {data['problems'][:2]}"
     return summary
 

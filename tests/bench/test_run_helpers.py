@@ -1,0 +1,81 @@
+"""bench/run.py's pure parts: option checks (bad ``--saga-rates`` stop at parsing, before any
+broker work; a repeated rate used to run, collide on its queue names and wait out its timeout),
+the saga plan's order, and how a rate's rounds are summed up."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
+import run  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    ("rates", "message"),
+    [
+        ("100,100", "a rate is repeated"),
+        ("100,abc", "not a list of numbers"),
+        ("0", "must be above 0"),
+        ("-5", "must be above 0"),
+    ],
+)
+def test_bad_saga_rates_stop_at_parsing(rates: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        run.parse(["--saga-rates", rates])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_good_saga_rates_are_kept_in_order() -> None:
+    assert run.parse(["--saga-rates", "300, 100", "--no-write"]).saga_rates == (300.0, 100.0)
+    assert run.parse(["--quick", "--no-write"]).saga_rates == (100.0,)
+
+
+def test_saga_rounds_default_to_three_in_a_full_run_and_one_in_a_quick_one() -> None:
+    assert run.parse(["--no-write"]).saga_rounds == 3
+    assert run.parse(["--quick", "--no-write"]).saga_rounds == 1
+    assert run.parse(["--saga-rounds", "5", "--no-write"]).saga_rounds == 5
+
+
+def test_zero_saga_rounds_stop_at_parsing(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        run.parse(["--saga-rounds", "0"])
+    assert "at least 1" in capsys.readouterr().err
+
+
+def test_the_saga_plan_alternates_choreo_and_raw_within_each_round_and_puts_beside_runs_last() -> None:
+    opts = run.parse(["--saga-rates", "100,300", "--saga-rounds", "2", "--no-write"])
+    assert run.saga_plan(opts) == [
+        ("saga", "choreo", 0, 0),
+        ("saga", "raw", 0, 0),
+        ("saga", "choreo", 1, 0),
+        ("saga", "raw", 1, 0),
+        ("saga", "choreo", 0, 1),
+        ("saga", "raw", 0, 1),
+        ("saga", "choreo", 1, 1),
+        ("saga", "raw", 1, 1),
+        ("saga", "raw-beside", 0, 0),
+        ("saga", "raw-beside", 1, 0),
+    ]
+    only_choreo = run.parse(["--saga-rates", "100", "--saga-rounds", "2", "--only", "choreo", "--no-write"])
+    assert run.saga_plan(only_choreo) == [("saga", "choreo", 0, 0), ("saga", "choreo", 0, 1)]
+
+
+def test_the_median_round_is_picked_by_the_same_rule_for_choreo_and_raw() -> None:
+    raws = [{"p99": 11.0}, {"p99": 4.0}, {"p99": 8.0}]
+    assert run.median_round(raws, run.raw_p99) is raws[2]
+    sagas = [{"hop_ms": {"p99": v}} for v in (5.0, 82.0, 13.0)]
+    assert run.median_round(sagas, run.choreo_p99) is sagas[2]
+    # of an even count, the higher middle one: neither side gets its better half's round
+    assert run.median_round(raws[:2], run.raw_p99) is raws[0]
+    assert run.median_round(raws[:1], run.raw_p99) is raws[0]
+
+
+def test_every_rounds_p99_is_shown_in_run_order_and_nothing_for_one_round() -> None:
+    raws = [{"p99": 11.333}, {"p99": 4.1}, {"p99": 8.0}]
+    assert run.by_round(raws, run.raw_p99, "{:.2f}") == " (11.33, 4.10, 8.00)"
+    assert run.by_round(raws[:1], run.raw_p99, "{:.2f}") == ""
