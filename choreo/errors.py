@@ -84,6 +84,12 @@ class PublishNotConfirmed(TransportError):
     """The broker did not confirm a publish (nack, unroutable return, or connection lost)."""
 
 
+class HeadersTooLarge(PublishNotConfirmed):
+    """The message was not sent: its headers do not fit in one AMQP frame (``frame_max``), and
+    the broker answers such a frame by closing the whole connection. Sending it again cannot
+    help; sending it with fewer headers can."""
+
+
 class HandlerError(ChoreoError):
     """A handler failed in one delivery after ``tries`` runs; ``error`` is the last exception.
 

@@ -33,6 +33,7 @@ from .errors import (
     EventExpired,
     FaultReason,
     HandlerError,
+    HeadersTooLarge,
     MalformedMessage,
     MessageFault,
     Reject,
@@ -47,10 +48,11 @@ from .observability.heartbeat import LatencyWindow
 from .observability.metrics import AgentMetrics, Metrics
 from .publisher import to_message
 from .retry import Deadlines, run_with_retries
+from .signing import ALG_HEADER, KID_HEADER, SIG_HEADER
 from .stores import dedup_store_for
 from .stores.base import Claim, DedupStore
 from .topology import Topology, agent_topology
-from .transport.base import Delivery, HeaderValue, OutgoingMessage, Subscription, Transport
+from .transport.base import UNDECODABLE_PROPERTIES, Delivery, HeaderValue, OutgoingMessage, Subscription, Transport
 
 __all__ = ["AgentRuntime", "AgentStats", "topology_for"]
 
@@ -64,11 +66,23 @@ ATTEMPTS = "x-choreo-attempts"
 FAILED_AT = "x-choreo-failed-at"
 ORIGINAL_RK = "x-choreo-original-routing-key"
 DELAYED = "x-choreo-delayed-retries"
+DROPPED = "x-choreo-dropped-headers"
+# What a move keeps when all the headers do not fit in a frame: what a replay needs to verify
+# and route the message, and its trace.
+_ESSENTIAL_HEADERS = frozenset({ALG_HEADER, KID_HEADER, SIG_HEADER, "traceparent", "tracestate", ORIGINAL_RK})
 _MAX_ERROR_CHARS = 500
 # A lost channel fails every ack it held at once: the first failure is logged at once, the
 # rest of this window's in one summary line (a warning per message floods the log).
 _SETTLE_REPORT_S = 1.0
 _SETTLE_REPORT_IDS = 20
+
+
+def _trimmed(headers: dict[str, HeaderValue], extra: dict[str, HeaderValue]) -> dict[str, HeaderValue]:
+    """``headers`` cut down to the essential ones and ``extra``, naming the others in ``DROPPED``."""
+    kept = {k: v for k, v in headers.items() if k in _ESSENTIAL_HEADERS or k in extra}
+    dropped = sorted(k for k in headers if k not in kept)
+    kept[DROPPED] = ", ".join(dropped)[:1000]
+    return kept
 
 
 def topology_for(agent: Agent[Any], settings: Settings) -> Topology:
@@ -283,7 +297,10 @@ class AgentRuntime(Generic[S]):
         body = delivery.body
         if len(body) > self.settings.max_body_bytes:
             raise MalformedMessage(f"body of {len(body)} bytes exceeds the limit of {self.settings.max_body_bytes}")
-        self.settings.keyring.verify(body, delivery.headers)
+        headers = delivery.headers
+        if UNDECODABLE_PROPERTIES in headers:
+            raise MalformedMessage(f"its AMQP properties could not be decoded: {headers[UNDECODABLE_PROPERTIES]}")
+        self.settings.keyring.verify(body, headers)
         return parse_envelope(body)
 
     def _resolve(self, envelope: Envelope) -> tuple[HandlerSpec, Event]:
@@ -596,7 +613,17 @@ class AgentRuntime(Generic[S]):
             mandatory=True,
         )
         try:
-            await self.transport.publish(message)
+            try:
+                await self.transport.publish(message)
+            except HeadersTooLarge as exc:
+                message.headers = _trimmed(headers, extra)
+                log.warning(
+                    "headers too large to move; moving with the essential ones",
+                    queue=queue,
+                    error=str(exc),
+                    dropped=message.headers[DROPPED],
+                )
+                await self.transport.publish(message)
         except TransportError as exc:
             log.error("move not confirmed; requeueing", agent=self.agent.name, queue=queue, error=repr(exc))
             await self._requeue(delivery, f"move to {queue} not confirmed: {exc}", may_dead_letter=False)

@@ -20,9 +20,23 @@ from typing import Any, Protocol, Self
 
 from ..topology import QueueSpec, QueueState, Topology
 
-__all__ = ["Delivery", "DeliveryHandler", "OutgoingMessage", "Subscription", "Transport"]
+__all__ = [
+    "RAW_PROPERTIES",
+    "UNDECODABLE_PROPERTIES",
+    "Delivery",
+    "DeliveryHandler",
+    "OutgoingMessage",
+    "Subscription",
+    "Transport",
+]
 
 HeaderValue = str | int | float | bool | bytes | None
+
+# A delivery whose broker properties (headers included) could not be decoded still reaches the
+# runtime, which dead-letters it as ``malformed``: its headers are then only these two, the
+# decoder's complaint and the raw property bytes, so the DLQ keeps what was sent.
+UNDECODABLE_PROPERTIES = "x-choreo-undecodable-properties"
+RAW_PROPERTIES = "x-choreo-raw-properties"
 
 
 @dataclass(slots=True)

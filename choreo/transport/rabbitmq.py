@@ -29,11 +29,19 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
-from ..errors import ConfigError, PublishNotConfirmed, TopologyError, TransportError
+from ..errors import ConfigError, HeadersTooLarge, PublishNotConfirmed, TopologyError, TransportError
 from ..log import get_logger
 from ..topology import QueueSpec, QueueState, Topology
 from .amqp.connection import Channel, ChannelClosedError, Connection, Endpoint, Message, PublishNackedError
-from .amqp.frames import Properties, commands, encode_ack, encode_nack, encode_properties, encode_publish
+from .amqp.frames import (
+    HeaderTooLargeError,
+    Properties,
+    commands,
+    encode_ack,
+    encode_nack,
+    encode_properties,
+    encode_publish,
+)
 from .base import Delivery, DeliveryHandler, OutgoingMessage, Subscription, Transport
 
 __all__ = ["RabbitMQTransport", "amqp_urls"]
@@ -254,6 +262,10 @@ class _RabbitDelivery:
 
 _NO_HEADERS: Mapping[str, object] = MappingProxyType({})
 _RESTORE_BACKOFF_S = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
+# A connection lost sooner than this after it opened counts as a flap: the next reconnect
+# waits first, longer each time, so a connection that keeps dying at once is not reopened in a
+# tight loop (a poison message that closes it on every delivery, a node still shutting down).
+_FLAP_S = 5.0
 
 
 class _Link:
@@ -274,6 +286,8 @@ class _Link:
         self._up = asyncio.Event()
         self._closing = False
         self._reconnect_task: asyncio.Task[None] | None = None
+        self._attached_at = 0.0
+        self._flaps = 0  # connections in a row that were lost within _FLAP_S
 
     async def connect(self) -> None:
         failures: list[str] = []
@@ -283,14 +297,20 @@ class _Link:
             except TransportError as exc:
                 failures.append(f"{_redact(self.urls[at])}: {exc}")
                 continue
+            if conn.closed is not None:  # closed in the very read that opened it
+                failures.append(f"{_redact(self.urls[at])}: {conn.closed}")
+                continue
             self._attach(conn, at)
             return
         where = failures[0] if len(failures) == 1 else "any of " + "; ".join(failures)
         raise TransportError(f"cannot connect to RabbitMQ at {where}")
 
     def _attach(self, conn: Connection, at: int) -> None:
+        """Adopt an open connection. Call only with ``conn.closed is None``: a connection lost
+        before this set ``on_lost`` would never report it, and the link would stay "up"."""
         conn.rpc_timeout = self.timeout
         self.conn, self.at = conn, at
+        self._attached_at = asyncio.get_running_loop().time()
         conn.on_lost = self._on_lost
         conn.on_blocked = self._on_blocked
         if conn.blocked is not None:  # blocked already during the handshake
@@ -313,6 +333,14 @@ class _Link:
 
     async def _reconnect(self) -> None:
         attempt = 0
+        if asyncio.get_running_loop().time() - self._attached_at < _FLAP_S:
+            self._flaps += 1
+            pause = _RESTORE_BACKOFF_S[min(self._flaps - 1, len(_RESTORE_BACKOFF_S) - 1)]
+            if self._flaps > 1:
+                log.warning("connection keeps closing soon after it opens; reconnecting more slowly", pause_s=pause)
+            await asyncio.sleep(pause)
+        else:
+            self._flaps = 0
         while not self._closing:
             at = (self.at + 1) % len(self.endpoints)
             self.at = at  # a failed attempt moves on too: the next one tries the next node
@@ -327,6 +355,11 @@ class _Link:
             if self._closing:
                 await conn.close()
                 return
+            if conn.closed is not None:  # closed in the very read that opened it: a failed attempt
+                log.warning("reconnect attempt failed", url=_redact(self.urls[at]), error=str(conn.closed))
+                await asyncio.sleep(_RESTORE_BACKOFF_S[min(attempt, len(_RESTORE_BACKOFF_S) - 1)])
+                attempt += 1
+                continue
             self._attach(conn, at)
             log.info("reconnected to RabbitMQ", url=_redact(self.urls[at]), failed_attempts=attempt)
             return
@@ -855,9 +888,11 @@ async def _writable(conn: Connection, deadline: float, message: OutgoingMessage)
 
 
 def _send(channel: Channel, message: OutgoingMessage, properties: bytes) -> asyncio.Future[None]:
-    """Write ``message`` on ``channel``; the future resolves on the broker's confirm."""
-    return channel.publish(
-        encode_publish(
+    """Write ``message`` on ``channel``; the future resolves on the broker's confirm. Raises
+    :class:`HeadersTooLarge` (a :class:`PublishNotConfirmed`, which no publish loop retries)
+    without writing anything when the headers do not fit in a frame."""
+    try:
+        data = encode_publish(
             channel.number,
             message.exchange,
             message.routing_key,
@@ -866,7 +901,9 @@ def _send(channel: Channel, message: OutgoingMessage, properties: bytes) -> asyn
             mandatory=message.mandatory,
             frame_max=channel.connection.frame_max,
         )
-    )
+    except HeaderTooLargeError as exc:
+        raise HeadersTooLarge(f"{message.routing_key!r} not sent: {exc}") from exc
+    return channel.publish(data)
 
 
 async def _close_quietly(channel: Channel, within: float) -> None:

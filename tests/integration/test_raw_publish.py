@@ -17,8 +17,12 @@ import aio_pika
 import pytest
 
 from choreo import Agent, Context, Event, Publisher, Settings, Worker
+from choreo.errors import HeadersTooLarge
+from choreo.publisher import new_envelope
 from choreo.testing import wait_for
 from choreo.topology import QueueSpec, Topology
+from choreo.transport.amqp.frames import U16, U32, encode_publish, encode_table
+from choreo.transport.base import RAW_PROPERTIES, OutgoingMessage
 from choreo.transport.rabbitmq import RabbitMQTransport
 
 from ..conftest import SECRET
@@ -160,3 +164,67 @@ async def test_publishers_set_amqp_expiration_from_ttl_plus_skew_tolerance(
         await without.ack()
     finally:
         await connection.close()
+
+
+async def test_properties_choreo_cannot_decode_dead_letter_the_message_and_keep_the_connection(
+    rabbit_factory: Callable[[], Awaitable[RabbitMQTransport]], settings: Settings
+) -> None:
+    """RabbitMQ passes header names and short strings through as bytes, so a producer can send
+    ones that are not UTF-8. The worker used to drop its whole connection on such a message,
+    which brought the message (and every other unacked one) back, again and again: now it is
+    dead-lettered as ``malformed``, its raw properties kept, and the next message is handled."""
+    handled: list[str] = []
+    agent: Agent[None] = Agent("oddprops")
+
+    @agent.on(RawOrderPlaced)
+    async def on_order(event: RawOrderPlaced, ctx: Context[None]) -> None:
+        handled.append(event.order_id)
+
+    worker_transport = await rabbit_factory()
+    worker = Worker([agent], settings=settings, transport=worker_transport)
+    await worker.start()
+    try:
+        connection = worker_transport._link.conn
+        assert connection is not None
+        body = new_envelope("order.placed", {"order_id": "o-odd"}, source="java-shop").encode()
+        signature = encode_table(dict(settings.keyring.sign(body)))[4:]
+        odd_name = b"\x04caf\xe9S" + U32.pack(1) + b"v"  # a header named "café" in Latin-1
+        raw = U16.pack(0x2000) + U32.pack(len(signature + odd_name)) + signature + odd_name
+
+        producer = await rabbit_factory()
+        channel = await (await producer._link.up()).channel()
+        await channel.confirm_select()
+        await channel.publish(encode_publish(channel.number, settings.naming.exchange, "order.placed", body, raw))
+        await Publisher(transport=producer, settings=settings, source="shop").publish(RawOrderPlaced(order_id="o-ok"))
+
+        stats = worker.runtimes[0].stats
+        await wait_for(lambda: handled == ["o-ok"], within=10, what="the good event after the odd one")
+        await wait_for(lambda: stats.dead_lettered["malformed"] == 1, within=10, what="the odd one dead-lettered")
+        assert worker_transport._link.conn is connection, "the connection was dropped"
+        assert connection.is_open
+
+        dead = await producer.get(settings.naming.agent_queues("oddprops").dlq)
+        assert dead is not None
+        assert dead.body == body
+        assert dead.headers["x-choreo-reason"] == "malformed"
+        assert "could not be decoded" in str(dead.headers["x-choreo-error"])
+        assert dead.headers[RAW_PROPERTIES] == raw
+        await dead.ack()
+    finally:
+        await worker.stop()
+
+
+async def test_a_publish_whose_headers_exceed_frame_max_fails_at_once_and_keeps_the_connection(
+    rabbit_factory: Callable[[], Awaitable[RabbitMQTransport]], settings: Settings
+) -> None:
+    """The broker closes the whole connection on an oversized header frame; sent anyway and
+    retried as a lost connection, one such publish used to drop it dozens of times a second."""
+    transport = await rabbit_factory()
+    connection = await transport._link.up()
+    message = OutgoingMessage(settings.naming.exchange, "order.placed", b"{}", headers={"big": "x" * 140_000})
+    with pytest.raises(HeadersTooLarge, match="cannot be split"):
+        await transport.publish(message)
+    assert transport._link.conn is connection
+    assert connection.is_open
+    await transport.declare(Topology(settings.naming.exchange, ()))
+    await transport.publish(OutgoingMessage(settings.naming.exchange, "order.placed", b"{}"))  # still usable

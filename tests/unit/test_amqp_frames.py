@@ -24,6 +24,7 @@ from choreo.transport.amqp.connection import (
     Message,
     ReplyTimeoutError,
 )
+from choreo.transport.base import RAW_PROPERTIES, UNDECODABLE_PROPERTIES
 
 NOW = datetime.datetime(2026, 11, 21, 12, 0, 0, tzinfo=datetime.UTC)
 
@@ -461,3 +462,83 @@ async def test_frames_sent_on_a_channel_after_our_close_raise_instead_of_being_d
     closing.cancel()
     with contextlib.suppress(BaseException):
         await closing
+
+
+def raw_header_frame(body_size: int, flags: int, fields_: bytes, channel: int = 1) -> bytes:
+    payload = frames._CONTENT_HEAD.pack(60, 0, body_size) + frames.U16.pack(flags) + fields_
+    return frames.FRAME_HEAD.pack(frames.FRAME_HEADER, channel, len(payload)) + payload + b"\xce"
+
+
+def table_bytes(entries: bytes) -> bytes:
+    return frames.U32.pack(len(entries)) + entries
+
+
+def nested_table(depth: int) -> bytes:
+    table = table_bytes(b"")
+    for _ in range(depth):
+        table = table_bytes(b"\x01kF" + table)
+    return table
+
+
+def deliver_frame(tag: int, channel: int = 1) -> bytes:
+    deliver = cmd.Basic.Deliver(consumer_tag="ctag", delivery_tag=tag, exchange="ex", routing_key="a.b")
+    return pamqp.frame.marshal(deliver, channel)
+
+
+@pytest.mark.parametrize(
+    ("flags", "fields_", "complaint"),
+    [
+        (0x0080, b"\x04caf\xe9", "UnicodeDecodeError"),  # message_id in Latin-1
+        (0x2000, table_bytes(b"\x04caf\xe9S" + frames.U32.pack(1) + b"v"), "UnicodeDecodeError"),  # a header name
+        (0x2000, nested_table(frames.MAX_TABLE_DEPTH + 5), "nested deeper"),
+        (0x2000, table_bytes(b"\x01kZ"), "unknown field type"),
+    ],
+    ids=["latin1-message-id", "latin1-header-name", "nested-too-deep", "unknown-type"],
+)
+async def test_a_delivery_whose_properties_cannot_be_decoded_still_arrives_marked_and_raw(
+    flags: int, fields_: bytes, complaint: str
+) -> None:
+    """Its frames are whole, so only the message is odd: dropping the connection for it would
+    requeue it (and every other unacked delivery) and bring it back, again and again."""
+    conn, _, batches = await connected()
+    stream = (
+        deliver_frame(1) + raw_header_frame(4, flags, fields_) + pamqp.frame.marshal(pamqp.body.ContentBody(b"body"), 1)
+    )
+    stream += delivery_bytes(1, 2, b"next")
+    conn.data_received(stream)
+    assert conn.closed is None
+    assert not conn._transport.aborted  # type: ignore[union-attr]
+    odd, good = batches[0]
+    assert (odd.delivery_tag, odd.body) == (1, b"body")
+    headers = odd.properties.headers or {}
+    assert set(headers) == {UNDECODABLE_PROPERTIES, RAW_PROPERTIES}
+    assert complaint in str(headers[UNDECODABLE_PROPERTIES])
+    assert headers[RAW_PROPERTIES] == frames.U16.pack(flags) + fields_
+    assert (good.delivery_tag, good.body, good.properties.message_id) == (2, b"next", "m2")
+
+
+def test_tables_nested_within_the_bound_decode() -> None:
+    table, _ = frames.decode_table(nested_table(frames.MAX_TABLE_DEPTH), 0)
+    depth = 0
+    while table:
+        table, depth = table["k"], depth + 1
+    assert depth == frames.MAX_TABLE_DEPTH
+
+
+def test_a_timestamp_past_year_9999_decodes_to_the_number_sent() -> None:
+    millis = 1_795_000_000_000  # a timestamp in milliseconds, as some clients send by mistake
+    table, _ = frames.decode_table(
+        table_bytes(b"\x01tT" + frames.U64.pack(millis) + b"\x01uT" + frames.U64.pack(2**63)), 0
+    )
+    assert table == {"t": millis, "u": 2**63}
+    seconds, _ = frames.decode_table(table_bytes(b"\x01tT" + frames.U64.pack(int(NOW.timestamp()))), 0)
+    assert seconds == {"t": NOW}
+
+
+def test_a_content_header_past_frame_max_is_refused_before_anything_is_written() -> None:
+    fits = frames.encode_properties(frames.Properties(headers={"h": "x" * (4096 - 8 - 12 - 2 - 4 - 7)}))
+    assert len(fits) == 4096 - 8 - 12
+    frames.encode_publish(1, "ex", "rk", b"body", fits, frame_max=4096)
+    too_big = frames.encode_properties(frames.Properties(headers={"h": "x" * (4096 - 8 - 12 - 2 - 4 - 7 + 1)}))
+    with pytest.raises(frames.HeaderTooLargeError, match="headers cannot be split"):
+        frames.encode_publish(1, "ex", "rk", b"body", too_big, frame_max=4096)

@@ -67,6 +67,7 @@ class FakeConnection:
         self.on_lost: object = None
         self.on_blocked: object = None
         self.blocked: str | None = None
+        self.closed: Exception | None = None
 
     async def close(self) -> None:
         self.is_open = False
@@ -112,6 +113,58 @@ async def test_one_url_never_changes(monkeypatch: pytest.MonkeyPatch) -> None:
     link._on_lost(ConnectionClosedError("gone"))
     await asyncio.wait_for(link.wait_up(), 5)
     assert tried == [5672, 5672, 5672]
+    await link.close()
+
+
+async def test_a_connection_closed_in_the_read_that_opened_it_is_a_failed_attempt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The broker's close can arrive with open-ok (a node shutting down). Adopted, that
+    connection would never report its loss (``on_lost`` was not set yet when it came), and the
+    link would stay "up" on a dead connection for good."""
+    link = rabbitmq._Link(["amqp://h1:5681/", "amqp://h2:5682/"], "t", 1.0)
+    tried: list[int] = []
+
+    async def open_closed_first(endpoint: Endpoint, *, name: str, within: float) -> FakeConnection:
+        tried.append(endpoint.port)
+        conn = FakeConnection(endpoint.port)
+        if len(tried) in {1, 3}:  # the first connect, and the first reconnect
+            conn.closed, conn.is_open = ConnectionClosedError("320 CONNECTION_FORCED - shutdown"), False
+        return conn
+
+    monkeypatch.setattr(rabbitmq.Connection, "open", open_closed_first)
+    await link.connect()
+    assert tried == [5681, 5682]
+    assert link.conn is not None
+    assert link.conn.closed is None
+    link._attached_at -= rabbitmq._FLAP_S  # an old connection: no flap pause
+    link._on_lost(ConnectionClosedError("gone"))
+    await asyncio.wait_for(link.wait_up(), 5)
+    assert tried == [5681, 5682, 5681, 5682]
+    assert link.conn.closed is None
+    assert link.connected
+    await link.close()
+
+
+async def test_connections_lost_soon_after_opening_are_reopened_ever_more_slowly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A connection that dies at once (a poison message closing it on every delivery) must
+    not be reopened in a tight loop; one that lived past the flap window starts afresh."""
+    monkeypatch.setattr(rabbitmq, "_RESTORE_BACKOFF_S", (0.001, 0.002, 0.003))
+    link = rabbitmq._Link(["amqp://h1:5681/"], "t", 1.0)
+    scripted_open(monkeypatch, failures=0)
+    await link.connect()
+    flaps = []
+    for _ in range(4):
+        link._on_lost(ConnectionClosedError("gone at once"))
+        await asyncio.wait_for(link.wait_up(), 5)
+        flaps.append(link._flaps)
+    assert flaps == [1, 2, 3, 4]
+    link._attached_at -= rabbitmq._FLAP_S
+    link._on_lost(ConnectionClosedError("gone after a while"))
+    await asyncio.wait_for(link.wait_up(), 5)
+    assert link._flaps == 0
     await link.close()
 
 

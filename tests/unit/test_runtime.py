@@ -16,7 +16,7 @@ import structlog
 import choreo
 from choreo import codec
 from choreo.envelope import Envelope
-from choreo.errors import PublishNotConfirmed, SignatureInvalid
+from choreo.errors import HeadersTooLarge, PublishNotConfirmed, SignatureInvalid
 from choreo.ids import derived_id
 from choreo.publisher import new_envelope, to_message
 from choreo.signing import ALG_HEADER, KID_HEADER, SIG_HEADER, Keyring
@@ -32,6 +32,7 @@ from choreo.transport import (
     Subscription,
     Transport,
 )
+from choreo.transport.base import RAW_PROPERTIES, UNDECODABLE_PROPERTIES
 
 FAULT_HEADERS = (
     "x-choreo-reason",
@@ -210,6 +211,17 @@ def unknown_type(settings: choreo.Settings, queue: str) -> OutgoingMessage:
     return signed(settings, new_envelope("t.note", {"text": "hi"}, source="test").encode(), "", queue)
 
 
+def undecodable_properties(settings: choreo.Settings, queue: str) -> OutgoingMessage:
+    # What the RabbitMQ transport hands over for properties it could not decode (a header name
+    # in Latin-1, say); the signature itself is fine, but its headers could not be read.
+    message = signed(settings, ping_body(1))
+    message.headers = {
+        UNDECODABLE_PROPERTIES: "UnicodeDecodeError: 'utf-8' codec can't decode byte 0xe9",
+        RAW_PROPERTIES: b" \x00\x00\x00\x00\x0c\x04caf\xe9S\x00\x00\x00\x01v",
+    }
+    return message
+
+
 def handler_raises(settings: choreo.Settings, queue: str) -> OutgoingMessage:
     return signed(settings, ping_body(-1))
 
@@ -240,6 +252,7 @@ BAD_MESSAGES = [
     BadCase(invalid_utf8_bytes, "malformed", False, "UTF-8"),
     BadCase(json_array, "malformed", False, "object"),
     BadCase(oversized, "malformed", False, "exceeds"),
+    BadCase(undecodable_properties, "malformed", False, "AMQP properties could not be decoded: UnicodeDecodeError"),
     BadCase(envelope_missing_field, "schema", False, "envelope: trace_id"),
     BadCase(payload_invalid, "schema", False, "payload of t.ping: n:"),
     BadCase(expired, "expired", False, "ttl_ms"),
@@ -742,3 +755,51 @@ async def test_stopping_inside_the_window_logs_the_summary_before_agent_stopped(
     assert settle_lines(logs)[1]["count"] == 4
     runtime = worker.runtimes[0]
     assert runtime._settle_report is None  # the timer is gone with the agent
+
+
+class FrameLimited(InMemoryTransport):
+    """The in-memory broker with RabbitMQ's one limit that matters here: a message whose headers
+    take more than ``limit`` bytes is refused before it is sent (:class:`HeadersTooLarge`)."""
+
+    limit = 2048
+    refused: int = 0
+
+    async def publish(self, message: OutgoingMessage) -> None:
+        if sum(len(k) + len(str(v)) for k, v in message.headers.items()) > self.limit:
+            self.refused += 1
+            raise HeadersTooLarge(f"{message.routing_key!r} not sent: headers too large")
+        await super().publish(message)
+
+
+async def test_a_dead_letter_whose_headers_no_longer_fit_moves_with_the_essential_ones(
+    broker: InMemoryBroker, settings: choreo.Settings
+) -> None:
+    """A message near the limit, plus the fault headers, cannot be moved whole. Requeued, it would
+    come back and fail again for ever; moved with its signature, trace and fault headers, and the
+    names of the others, it can still be inspected and replayed."""
+    transport = FrameLimited(broker)
+    await transport.connect()
+    calls: list[int] = []
+    agent = ping_agent("limited", calls)
+    queues = settings.naming.agent_queues(agent.name)
+    body = ping_body(-1)  # the handler rejects it: dead-lettered at once
+    message = signed(settings, body)
+    message.headers |= {"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01", "x-bulky": "b" * 1900}
+    sent = dict(message.headers)
+    try:
+        async with running([agent], settings, transport) as worker:
+            stats = worker.runtimes[0].stats
+            await InMemoryTransport.publish(transport, message)  # in past the limit, as the broker takes it
+            await wait_for(lambda: stats.dead_lettered["handler_error"] == 1, within=5, what="the dead-letter")
+        assert transport.refused == 1, "the whole move was tried first"
+        dead = await transport.get(queues.dlq)
+        assert dead is not None
+        assert dead.body == body
+        assert await transport.queue_depth(queues.main) == 0
+        for name in (*SIGNATURE_HEADERS, "traceparent"):
+            assert dead.headers[name] == sent[name]
+        assert all(name in dead.headers for name in FAULT_HEADERS)
+        assert "x-bulky" not in dead.headers
+        assert dead.headers["x-choreo-dropped-headers"] == "x-bulky"
+    finally:
+        await transport.close()

@@ -61,6 +61,7 @@ def test_public_api_is_pinned_and_sorted() -> None:
         "Failure",
         "HandlerError",
         "HandlerSignal",
+        "HeadersTooLarge",
         "Keyring",
         "MalformedMessage",
         "MessageFault",

@@ -20,13 +20,13 @@ import asyncio
 import collections
 import contextlib
 import ssl
-import struct
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
 from ...errors import TransportError
+from ..base import RAW_PROPERTIES, UNDECODABLE_PROPERTIES
 from . import frames
 from .frames import (
     BASIC_ACK,
@@ -769,11 +769,15 @@ class Connection(asyncio.Protocol):
                 elif kind == FRAME_HEADER:
                     if channel is not None:
                         (body_size,) = U64.unpack_from(buf, start + 4)
-                        channel._on_header(body_size, decode_properties(buf, start + 12))
+                        try:
+                            properties = decode_properties(buf, start + 12)
+                        except Exception as exc:  # the frame is whole; only its content is odd
+                            properties = _undecodable(exc, bytes(buf[start + 12 : end]))
+                        channel._on_header(body_size, properties)
                 elif kind != frames.FRAME_HEARTBEAT:
                     raise FrameError(f"unknown frame type {kind}")
                 pos = end + 1
-        except (FrameError, ValueError, IndexError, struct.error) as exc:
+        except Exception as exc:  # raised out of here, it would kill the reader
             # The stream cannot be trusted past a bad frame: drop the connection (and
             # with it every unacked delivery, which the broker requeues).
             self._lost(ConnectionClosedError(f"malformed frame from the broker: {exc}"))
@@ -836,6 +840,14 @@ class Connection(asyncio.Protocol):
             channel._closed(exc)
         if self.on_lost is not None:
             self.on_lost(exc)
+
+
+def _undecodable(exc: Exception, raw: bytes) -> Properties:
+    """Properties standing in for ones that could not be decoded (a non-UTF-8 short string, a
+    value out of range...): the message goes on to be dead-lettered, not the connection down
+    with it, which would only bring the message back, again and again."""
+    why = f"{type(exc).__name__}: {exc}"[:300]
+    return Properties(headers={UNDECODABLE_PROPERTIES: why, RAW_PROPERTIES: raw})
 
 
 def _negotiate(ours: int, theirs: int) -> int:

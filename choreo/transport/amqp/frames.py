@@ -76,6 +76,16 @@ class FrameError(ValueError):
     """Bytes that are not a valid AMQP frame: the connection cannot continue."""
 
 
+class HeaderTooLargeError(ValueError):
+    """A message's properties and headers do not fit in one content header frame. Unlike a
+    body, a header cannot be split, and the broker answers an oversized frame by closing the
+    whole connection: such a message must not be sent at all."""
+
+
+# Field tables nest through recursion: a bound keeps a hostile header from exhausting the stack.
+MAX_TABLE_DEPTH = 32
+
+
 class Properties:
     """The basic-class content properties, in wire order. Absent ones are None."""
 
@@ -138,7 +148,7 @@ class Properties:
 # field tables
 
 
-def _decode_value(buf: bytes | bytearray, off: int) -> tuple[Any, int]:
+def _decode_value(buf: bytes | bytearray, off: int, depth: int) -> tuple[Any, int]:
     kind = buf[off]
     off += 1
     if kind == 83:  # S: long string; UTF-8 text, or bytes when it is not (as pamqp does)
@@ -158,21 +168,26 @@ def _decode_value(buf: bytes | bytearray, off: int) -> tuple[Any, int]:
     if kind == 116:  # t
         return buf[off] != 0, off + 1
     if kind == 70:  # F
-        return decode_table(buf, off)
+        return decode_table(buf, off, depth + 1)
     if kind == 65:  # A
         (n,) = U32.unpack_from(buf, off)
         off += 4
         end = off + n
         items: list[Any] = []
+        if depth >= MAX_TABLE_DEPTH:
+            raise FrameError(f"field values nested deeper than {MAX_TABLE_DEPTH}")
         while off < end:
-            item, off = _decode_value(buf, off)
+            item, off = _decode_value(buf, off, depth + 1)
             items.append(item)
         if off != end:
             raise FrameError("array runs past its length")
         return items, off
     if kind == 84:  # T: seconds, as a UTC datetime (pamqp's type)
         (seconds,) = U64.unpack_from(buf, off)
-        return datetime.datetime.fromtimestamp(seconds, tz=datetime.UTC), off + 8
+        try:
+            return datetime.datetime.fromtimestamp(seconds, tz=datetime.UTC), off + 8
+        except (ValueError, OverflowError, OSError):
+            return seconds, off + 8  # past year 9999 (milliseconds, say): the number as sent
     if kind == 98:  # b
         return struct.unpack_from(">b", buf, off)[0], off + 1
     if kind == 66:  # B
@@ -200,8 +215,10 @@ def _decode_value(buf: bytes | bytearray, off: int) -> tuple[Any, int]:
     raise FrameError(f"unknown field type {chr(kind)!r} in a field table")
 
 
-def decode_table(buf: bytes | bytearray, off: int) -> tuple[dict[str, Any], int]:
+def decode_table(buf: bytes | bytearray, off: int, depth: int = 0) -> tuple[dict[str, Any], int]:
     """The field table at ``off`` and the offset after it."""
+    if depth > MAX_TABLE_DEPTH:
+        raise FrameError(f"field tables nested deeper than {MAX_TABLE_DEPTH}")
     (n,) = U32.unpack_from(buf, off)
     off += 4
     end = off + n
@@ -211,7 +228,7 @@ def decode_table(buf: bytes | bytearray, off: int) -> tuple[dict[str, Any], int]
     while off < end:
         k = buf[off]
         key = buf[off + 1 : off + 1 + k].decode()
-        table[key], off = _decode_value(buf, off + 1 + k)
+        table[key], off = _decode_value(buf, off + 1 + k, depth)
     if off != end:
         raise FrameError("field table runs past its length")
     return table, off
@@ -403,6 +420,11 @@ def encode_publish(
         (b"\x00<\x00(\x00\x00", bytes((len(ex),)), ex, bytes((len(rk),)), rk, b"\x01" if mandatory else b"\x00")
     )
     header = _CONTENT_HEAD.pack(60, 0, len(body)) + properties
+    if len(header) > frame_max - 8:
+        raise HeaderTooLargeError(
+            f"properties and headers take {len(header)} bytes; one content header frame holds "
+            f"{frame_max - 8} (frame_max {frame_max}), and headers cannot be split across frames"
+        )
     parts = [
         FRAME_HEAD.pack(FRAME_METHOD, channel, len(method)),
         method,
