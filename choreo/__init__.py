@@ -14,7 +14,7 @@ from .errors import (
     EventExpired,
     HandlerError,
     HandlerSignal,
-    HeadersTooLarge,
+    HeadersNotSendable,
     MalformedMessage,
     MessageFault,
     PublishNotConfirmed,
@@ -50,7 +50,7 @@ __all__ = [
     "Failure",
     "HandlerError",
     "HandlerSignal",
-    "HeadersTooLarge",
+    "HeadersNotSendable",
     "Keyring",
     "MalformedMessage",
     "MessageFault",
@@ -69,3 +69,13 @@ __all__ = [
     "UnknownEventType",
     "Worker",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # `import choreo`, then `choreo.testing.call(...)` or `choreo.outbox.write_sqlite(...)` as the
+    # docs write them, without importing either at every start-up.
+    if name in {"testing", "outbox"}:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

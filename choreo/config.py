@@ -41,7 +41,7 @@ __all__ = ["DEFAULT_AMQP_URL", "Settings"]
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
 
 
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -51,6 +51,8 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
     if value < minimum:
         raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name} must be <= {maximum}, got {value}")
     return value
 
 
@@ -109,7 +111,7 @@ class Settings:
             dedup_retention_s=float(_int(env, "CHOREO_DEDUP_RETENTION_S", 7 * 86400, minimum=1)),
             dedup_lease_s=float(_int(env, "CHOREO_DEDUP_LEASE_S", 30, minimum=1)),
             settle_window_ms=_int(env, "CHOREO_SETTLE_WINDOW_MS", 10),
-            http_port=_int(env, "CHOREO_HTTP_PORT", 0) if env.get("CHOREO_HTTP_PORT") else None,
+            http_port=_int(env, "CHOREO_HTTP_PORT", 0, maximum=65535) if env.get("CHOREO_HTTP_PORT") else None,
             heartbeat_s=_float(env, "CHOREO_HEARTBEAT_S", 5.0),
             gc_tuning=env.get("CHOREO_GC_TUNING", "1").lower() not in {"0", "false", "no"},
             keyring=Keyring.from_env(env),

@@ -69,7 +69,10 @@ class Envelope(BaseModel):
         """When the event goes stale (without skew tolerance), or None if it never does."""
         if self.ttl_ms is None:
             return None
-        return self.issued_at + timedelta(milliseconds=self.ttl_ms)
+        try:
+            return self.issued_at + timedelta(milliseconds=self.ttl_ms)
+        except OverflowError:  # past year 9999
+            return None
 
     def to_wire(self) -> dict[str, Any]:
         """The JSON object to encode: every v1 field, timestamps as RFC 3339 UTC with ``Z``."""

@@ -84,10 +84,11 @@ class PublishNotConfirmed(TransportError):
     """The broker did not confirm a publish (nack, unroutable return, or connection lost)."""
 
 
-class HeadersTooLarge(PublishNotConfirmed):
-    """The message was not sent: its headers do not fit in one AMQP frame (``frame_max``), and
-    the broker answers such a frame by closing the whole connection. Sending it again cannot
-    help; sending it with fewer headers can."""
+class HeadersNotSendable(PublishNotConfirmed):
+    """The message was not sent: its headers cannot go as they are. They do not fit in one AMQP
+    frame (``frame_max``; the broker answers such a frame by closing the whole connection), or
+    a value has no AMQP encoding (an integer past 64 bits, a string property past 255 bytes).
+    Sending it again cannot help; sending it with fewer headers can."""
 
 
 class HandlerError(ChoreoError):

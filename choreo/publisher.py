@@ -27,6 +27,13 @@ def traceparent(trace_id: str) -> str:
     return f"00-{trace_id}-{os.urandom(8).hex()}-01"
 
 
+def _property(value: str | None) -> str | None:
+    """``value`` as an AMQP short-string property, or None past its 255 bytes: the property is
+    only a hint for tools (the body is authoritative), and an id of 128 four-byte characters is
+    valid in the body but would make the message unsendable."""
+    return value if value is None or len(value) <= 63 or len(value.encode()) <= 255 else None
+
+
 def to_message(
     envelope: Envelope, keyring: Keyring, exchange: str, *, expiration_slack_ms: int = 0, body: bytes | None = None
 ) -> OutgoingMessage:
@@ -45,8 +52,8 @@ def to_message(
         routing_key=envelope.type,
         body=body,
         headers=headers,
-        message_id=envelope.id,
-        correlation_id=envelope.effective_correlation_id,
+        message_id=_property(envelope.id),
+        correlation_id=_property(envelope.effective_correlation_id),
         type=envelope.type,
         expiration_ms=envelope.ttl_ms + expiration_slack_ms if envelope.ttl_ms is not None else None,
     )

@@ -68,6 +68,10 @@ class RetryPolicy:
 DEFAULT_RETRY = RetryPolicy()
 
 
+class HandlerCancelledError(RuntimeError):
+    """A handler raised :class:`asyncio.CancelledError` while its task was not being cancelled."""
+
+
 class Deadlines:
     """Bounds handler runs with one timer for all of them, not one per run.
 
@@ -97,8 +101,14 @@ class Deadlines:
         try:
             result = await call()
         except BaseException as exc:
+            cancelling = self._runs[task][1]
             if self._leave(task) and isinstance(exc, asyncio.CancelledError):
                 raise TimeoutError(f"handler did not finish within {timeout_s}s") from None
+            if isinstance(exc, asyncio.CancelledError) and task.cancelling() <= cancelling:
+                # Nobody cancelled this task: the handler let through the CancelledError of
+                # something it awaited (a future cancelled elsewhere). A failure like any
+                # other, or its message would stay unsettled.
+                raise HandlerCancelledError("the handler raised CancelledError without being cancelled") from exc
             raise
         self._leave(task)  # a handler that swallowed our cancel still returns its result
         return result

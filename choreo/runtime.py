@@ -33,7 +33,7 @@ from .errors import (
     EventExpired,
     FaultReason,
     HandlerError,
-    HeadersTooLarge,
+    HeadersNotSendable,
     MalformedMessage,
     MessageFault,
     Reject,
@@ -77,6 +77,13 @@ _SETTLE_REPORT_S = 1.0
 _SETTLE_REPORT_IDS = 20
 
 
+def _timestamp_text(at: datetime) -> str:
+    try:
+        return format_timestamp(at)
+    except (OverflowError, ValueError):  # out of range once moved to UTC (year 1 at +01:00)
+        return at.isoformat()
+
+
 def _trimmed(headers: dict[str, HeaderValue], extra: dict[str, HeaderValue]) -> dict[str, HeaderValue]:
     """``headers`` cut down to the essential ones and ``extra``, naming the others in ``DROPPED``."""
     kept = {k: v for k, v in headers.items() if k in _ESSENTIAL_HEADERS or k in extra}
@@ -116,17 +123,24 @@ class AgentStats:
         return sum(self.dead_lettered.values())
 
 
+_MAX_COUNT = 2**31 - 1  # counts from headers are clamped: anyone can send any number
+
+
 def _int_header(value: object) -> int:
+    """A count from a header (ours or the broker's), 0 when absent or unreadable, and never
+    beyond what AMQP carries back (the count + 1 goes into the fault headers)."""
     if isinstance(value, bool):
         return 0
     if isinstance(value, int):
-        return value
-    if isinstance(value, (str, bytes)):
+        number = value
+    elif isinstance(value, (str, bytes)):
         try:
-            return int(value)
+            number = int(value)
         except ValueError:
             return 0
-    return 0
+    else:
+        return 0
+    return min(max(number, 0), _MAX_COUNT)
 
 
 class AgentRuntime(Generic[S]):
@@ -287,7 +301,14 @@ class AgentRuntime(Generic[S]):
             await self._process(delivery)
         except Exception as exc:  # the pipeline settles every outcome; this is the last guard
             log.exception("unexpected error in pipeline; requeueing", agent=self.agent.name)
-            await self._requeue(delivery, f"unexpected error: {exc!r}")
+            try:
+                await self._requeue(delivery, f"unexpected error: {exc!r}")
+            except Exception:
+                # Not even the requeue (or its dead-letter) went: hand it back to the broker as
+                # it is, rather than leave it unsettled until the connection goes.
+                log.exception("requeue failed; returning the message to the broker", agent=self.agent.name)
+                with contextlib.suppress(Exception):
+                    await delivery.nack(requeue=True)
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
@@ -305,9 +326,12 @@ class AgentRuntime(Generic[S]):
 
     def _resolve(self, envelope: Envelope) -> tuple[HandlerSpec, Event]:
         if envelope.ttl_ms is not None:
-            deadline = envelope.issued_at + timedelta(milliseconds=envelope.ttl_ms) + self._skew
+            try:
+                deadline = envelope.issued_at + timedelta(milliseconds=envelope.ttl_ms) + self._skew
+            except OverflowError:  # a deadline past year 9999: never stale
+                deadline = datetime.max.replace(tzinfo=UTC)
             if datetime.now(UTC) > deadline:
-                raise EventExpired(f"issued {format_timestamp(envelope.issued_at)} with ttl_ms={envelope.ttl_ms}")
+                raise EventExpired(f"issued {_timestamp_text(envelope.issued_at)} with ttl_ms={envelope.ttl_ms}")
         spec = self.agent.handler_for(envelope.type)
         if spec is None:
             raise UnknownEventType(f"agent {self.agent.name!r} has no handler for {envelope.type!r}")
@@ -615,7 +639,7 @@ class AgentRuntime(Generic[S]):
         try:
             try:
                 await self.transport.publish(message)
-            except HeadersTooLarge as exc:
+            except HeadersNotSendable as exc:
                 message.headers = _trimmed(headers, extra)
                 log.warning(
                     "headers too large to move; moving with the essential ones",

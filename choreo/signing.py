@@ -287,7 +287,7 @@ class Keyring:
 
 
 def _parse_pairs(text: str, name: str) -> list[tuple[str, str]]:
-    pairs = []
+    pairs: list[tuple[str, str]] = []
     for raw in text.split(","):
         item = raw.strip()
         if not item:
@@ -295,5 +295,8 @@ def _parse_pairs(text: str, name: str) -> list[tuple[str, str]]:
         kid, sep, value = item.partition("=")
         if not sep or not kid.strip() or not value:
             raise ConfigError(f"{name}: expected kid=value pairs separated by commas, got {item!r}")
+        if any(kid.strip() == seen for seen, _ in pairs):
+            # Signing would use the first secret and verifying the last: choreo would reject its own events.
+            raise ConfigError(f"{name}: key id {kid.strip()!r} appears twice; each kid names one key")
         pairs.append((kid.strip(), value))
     return pairs

@@ -22,6 +22,7 @@ import asyncio
 import collections
 import contextlib
 import re
+import struct
 import time
 import urllib.parse
 import uuid
@@ -29,7 +30,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
-from ..errors import ConfigError, HeadersTooLarge, PublishNotConfirmed, TopologyError, TransportError
+from ..errors import ConfigError, HeadersNotSendable, PublishNotConfirmed, TopologyError, TransportError
 from ..log import get_logger
 from ..topology import QueueSpec, QueueState, Topology
 from .amqp.connection import Channel, ChannelClosedError, Connection, Endpoint, Message, PublishNackedError
@@ -688,18 +689,21 @@ class RabbitMQTransport(Transport):
                     )
 
     async def publish(self, message: OutgoingMessage) -> None:
-        properties = encode_properties(
-            Properties(
-                content_type="application/json",
-                delivery_mode=2,  # persistent
-                headers=message.headers or None,
-                message_id=message.message_id,
-                correlation_id=message.correlation_id,
-                type=message.type,
-                timestamp=int(time.time()),
-                expiration=str(message.expiration_ms) if message.expiration_ms is not None else None,
+        try:
+            properties = encode_properties(
+                Properties(
+                    content_type="application/json",
+                    delivery_mode=2,  # persistent
+                    headers=message.headers or None,
+                    message_id=message.message_id,
+                    correlation_id=message.correlation_id,
+                    type=message.type,
+                    timestamp=int(time.time()),
+                    expiration=str(message.expiration_ms) if message.expiration_ms is not None else None,
+                )
             )
-        )
+        except (TypeError, ValueError, OverflowError, struct.error) as exc:
+            raise HeadersNotSendable(f"{message.routing_key!r} not sent: {exc}") from exc
         if message.mandatory:
             await self._publish_mandatory(message, properties)
             return
@@ -889,7 +893,7 @@ async def _writable(conn: Connection, deadline: float, message: OutgoingMessage)
 
 def _send(channel: Channel, message: OutgoingMessage, properties: bytes) -> asyncio.Future[None]:
     """Write ``message`` on ``channel``; the future resolves on the broker's confirm. Raises
-    :class:`HeadersTooLarge` (a :class:`PublishNotConfirmed`, which no publish loop retries)
+    :class:`HeadersNotSendable` (a :class:`PublishNotConfirmed`, which no publish loop retries)
     without writing anything when the headers do not fit in a frame."""
     try:
         data = encode_publish(
@@ -902,7 +906,7 @@ def _send(channel: Channel, message: OutgoingMessage, properties: bytes) -> asyn
             frame_max=channel.connection.frame_max,
         )
     except HeaderTooLargeError as exc:
-        raise HeadersTooLarge(f"{message.routing_key!r} not sent: {exc}") from exc
+        raise HeadersNotSendable(f"{message.routing_key!r} not sent: {exc}") from exc
     return channel.publish(data)
 
 

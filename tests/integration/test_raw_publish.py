@@ -17,7 +17,7 @@ import aio_pika
 import pytest
 
 from choreo import Agent, Context, Event, Publisher, Settings, Worker
-from choreo.errors import HeadersTooLarge
+from choreo.errors import HeadersNotSendable
 from choreo.publisher import new_envelope
 from choreo.testing import wait_for
 from choreo.topology import QueueSpec, Topology
@@ -222,7 +222,7 @@ async def test_a_publish_whose_headers_exceed_frame_max_fails_at_once_and_keeps_
     transport = await rabbit_factory()
     connection = await transport._link.up()
     message = OutgoingMessage(settings.naming.exchange, "order.placed", b"{}", headers={"big": "x" * 140_000})
-    with pytest.raises(HeadersTooLarge, match="cannot be split"):
+    with pytest.raises(HeadersNotSendable, match="cannot be split"):
         await transport.publish(message)
     assert transport._link.conn is connection
     assert connection.is_open

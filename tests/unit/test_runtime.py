@@ -15,8 +15,8 @@ import structlog
 
 import choreo
 from choreo import codec
-from choreo.envelope import Envelope
-from choreo.errors import HeadersTooLarge, PublishNotConfirmed, SignatureInvalid
+from choreo.envelope import Envelope, format_timestamp
+from choreo.errors import HeadersNotSendable, PublishNotConfirmed, SignatureInvalid
 from choreo.ids import derived_id
 from choreo.publisher import new_envelope, to_message
 from choreo.signing import ALG_HEADER, KID_HEADER, SIG_HEADER, Keyring
@@ -759,7 +759,7 @@ async def test_stopping_inside_the_window_logs_the_summary_before_agent_stopped(
 
 class FrameLimited(InMemoryTransport):
     """The in-memory broker with RabbitMQ's one limit that matters here: a message whose headers
-    take more than ``limit`` bytes is refused before it is sent (:class:`HeadersTooLarge`)."""
+    take more than ``limit`` bytes is refused before it is sent (:class:`HeadersNotSendable`)."""
 
     limit = 2048
     refused: int = 0
@@ -767,7 +767,7 @@ class FrameLimited(InMemoryTransport):
     async def publish(self, message: OutgoingMessage) -> None:
         if sum(len(k) + len(str(v)) for k, v in message.headers.items()) > self.limit:
             self.refused += 1
-            raise HeadersTooLarge(f"{message.routing_key!r} not sent: headers too large")
+            raise HeadersNotSendable(f"{message.routing_key!r} not sent: headers too large")
         await super().publish(message)
 
 
@@ -803,3 +803,103 @@ async def test_a_dead_letter_whose_headers_no_longer_fit_moves_with_the_essentia
         assert dead.headers["x-choreo-dropped-headers"] == "x-bulky"
     finally:
         await transport.close()
+
+
+def hand_signed(settings: choreo.Settings, **fields: Any) -> OutgoingMessage:
+    """A t.ping built field by field, as a producer in another language would."""
+    data = {
+        "id": f"e-{fields.get('issued_at', 'x')}-{fields.get('ttl_ms')}",
+        "type": "t.ping",
+        "source": "elsewhere",
+        "issued_at": "2026-11-21T10:00:00Z",
+        "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736",
+        "payload": {"n": 1},
+    }
+    data.update(fields)
+    return signed(settings, codec.dumps(data))
+
+
+async def test_ttls_and_timestamps_at_the_edges_of_the_calendar_are_judged_not_crashed_on(
+    mem: InMemoryTransport, settings: choreo.Settings
+) -> None:
+    """Their deadline is past year 9999 (never stale) or their time cannot be shown in UTC:
+    each once raised out of the TTL check and looped through requeues into retries_exhausted."""
+    calls: list[int] = []
+    agent = ping_agent("calendar", calls)
+    async with running([agent], settings, mem) as worker:
+        stats = worker.runtimes[0].stats
+        now = format_timestamp(datetime.now(UTC))
+        for message in (
+            hand_signed(settings, issued_at=now, ttl_ms=10**18),
+            hand_signed(settings, issued_at=now, ttl_ms=10**15),
+            hand_signed(settings, issued_at="9999-12-31T23:59:59Z", ttl_ms=60_000),
+            hand_signed(settings, issued_at="0001-01-01T00:30:00+01:00", ttl_ms=1000),
+        ):
+            await mem.publish(message)
+        await wait_for(lambda: stats.handled == 3, within=5, what="the three events that never go stale")
+        await wait_for(lambda: stats.dead_lettered["expired"] == 1, within=5, what="the year-1 event, expired")
+    assert stats.dead_lettered_total == 1
+    dead = await mem.get(settings.naming.agent_queues("calendar").dlq)
+    assert dead is not None
+    assert "0001-01-01" in str(dead.headers["x-choreo-error"])
+
+
+async def test_a_cancelled_error_let_through_by_a_handler_is_a_handler_failure(
+    mem: InMemoryTransport, settings: choreo.Settings
+) -> None:
+    """A future the handler awaits, cancelled by someone else: its CancelledError once escaped
+    the pipeline and left the message unsettled (with prefetch 1, nothing else came)."""
+    settings = dataclasses.replace(settings, prefetch=1)
+    agent: choreo.Agent[None] = choreo.Agent("cancelled")
+    handled: list[int] = []
+
+    @agent.on(Ping, retry=choreo.RetryPolicy(attempts=1))
+    async def on_ping(event: Ping, ctx: choreo.Context[None]) -> None:
+        if event.n == 1:
+            shared: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            shared.cancel()
+            await shared
+        handled.append(event.n)
+
+    publisher = choreo.Publisher(transport=mem, settings=settings, source="test")
+    async with running([agent], settings, mem) as worker:
+        stats = worker.runtimes[0].stats
+        await publisher.publish(Ping(n=1))
+        await publisher.publish(Ping(n=2))
+        # With prefetch 1, the next message comes only once the first is settled.
+        await wait_for(lambda: handled == [2], within=5, what="the next message")
+        assert stats.failed >= 1
+        assert stats.retried_delayed >= 1  # a failure like any other: off to the delayed retries
+
+
+async def test_attempt_counts_from_headers_are_clamped_before_they_go_back_out(
+    mem: InMemoryTransport, settings: choreo.Settings
+) -> None:
+    """Headers are not signed: an x-choreo-attempts of 2**63 - 1, plus one, has no AMQP
+    encoding, and raised out of the dead-letter move on RabbitMQ."""
+    calls: list[int] = []
+    agent = ping_agent("counted", calls)
+    message = signed(settings, ping_body(-1))
+    message.headers["x-choreo-attempts"] = 2**63 - 1
+    async with running([agent], settings, mem) as worker:
+        await mem.publish(message)
+        stats = worker.runtimes[0].stats
+        await wait_for(lambda: stats.dead_lettered["handler_error"] == 1, within=5, what="the dead-letter")
+    dead = await mem.get(settings.naming.agent_queues("counted").dlq)
+    assert dead is not None
+    assert dead.headers["x-choreo-attempts"] == 2**31
+
+
+def test_ids_past_255_bytes_stay_in_the_body_but_not_in_the_amqp_properties(settings: choreo.Settings) -> None:
+    long_id = "\U0001f600" * 128  # valid in the body (128 characters), 512 bytes in UTF-8
+    envelope = new_envelope("t.ping", {"n": 1}, source="test", id=long_id)
+    message = to_message(envelope, settings.keyring, settings.naming.exchange)
+    assert message.message_id is None
+    assert message.correlation_id is None
+    assert envelope_of_body(message.body).id == long_id
+    short = to_message(new_envelope("t.ping", {"n": 1}, source="test", id="e-1"), settings.keyring, "x")
+    assert (short.message_id, short.correlation_id) == ("e-1", "e-1")
+
+
+def envelope_of_body(body: bytes) -> Envelope:
+    return Envelope.model_validate(codec.loads_object(body))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 import choreo
 from agents.events import ALL_EVENTS
 from choreo import schema
@@ -61,7 +63,7 @@ def test_public_api_is_pinned_and_sorted() -> None:
         "Failure",
         "HandlerError",
         "HandlerSignal",
-        "HeadersTooLarge",
+        "HeadersNotSendable",
         "Keyring",
         "MalformedMessage",
         "MessageFault",
@@ -82,3 +84,22 @@ def test_public_api_is_pinned_and_sorted() -> None:
     }
     for name in choreo.__all__:
         assert hasattr(choreo, name), name
+
+
+def test_the_documented_submodules_are_reachable_after_a_plain_import() -> None:
+    """The docs write ``import choreo`` then ``choreo.testing.call(...)``; in a fresh interpreter,
+    where nothing else imported them first."""
+    import subprocess
+    import sys
+
+    code = "import choreo; print(choreo.testing.call.__name__, choreo.outbox.write_sqlite.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["call", "write_sqlite"]
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        choreo.nothing  # noqa: B018
+
+
+def test_an_http_port_out_of_range_is_a_configuration_error() -> None:
+    with pytest.raises(choreo.ConfigError, match="CHOREO_HTTP_PORT must be <= 65535, got 70000"):
+        choreo.Settings.from_env({"CHOREO_HTTP_PORT": "70000", "CHOREO_SIGNING_KEYS": "k1=s"})
+    assert choreo.Settings.from_env({"CHOREO_HTTP_PORT": "65535", "CHOREO_SIGNING_KEYS": "k1=s"}).http_port == 65535

@@ -589,3 +589,13 @@ def test_openssl_cli_signature_verifies() -> None:
     sig = result.stdout.decode().strip().rsplit("= ", 1)[-1]
     assert sig == Keyring.hmac(("k1", "SECRET")).sign(SPEC_BODY)[SIG_HEADER]
     Keyring.hmac(("k1", "SECRET")).verify(SPEC_BODY, {ALG_HEADER: HMAC_SHA256, KID_HEADER: "k1", SIG_HEADER: sig})
+
+
+def test_a_key_id_given_twice_is_a_configuration_error() -> None:
+    """Signing took the first secret and verifying the last: choreo rejected its own events."""
+    with pytest.raises(ConfigError, match="'k1' appears twice"):
+        Keyring.from_env({"CHOREO_SIGNING_KEYS": "k1=new-secret,k1=old-secret"})
+    assert sorted(Keyring.from_env({"CHOREO_SIGNING_KEYS": "k1=new-secret,k0=old-secret"}).kids) == [
+        "hmac-sha256:k0",
+        "hmac-sha256:k1",
+    ]
