@@ -12,6 +12,7 @@ The only module that imports asyncpg.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -33,6 +34,19 @@ def connection_of(ctx: Context[Any]) -> asyncpg.Connection:
     if not isinstance(conn, asyncpg.Connection | asyncpg.pool.PoolConnectionProxy):
         raise ConfigError("no database transaction: use PostgresDedupStore(..., transactional=True)")
     return conn  # type: ignore[return-value]
+
+
+# PostgreSQL text cannot hold NUL, and a btree index entry is at most about 8 kB: such keys
+# (valid JSON strings all the same) are stored as their SHA-256, every other key as it is, so
+# the keys of existing tables keep their meaning.
+_MAX_KEY_BYTES = 1024
+
+
+def stored_key(key: str) -> str:
+    """The column value for dedup key ``key``; idempotent (a stored key maps to itself)."""
+    if "\x00" not in key and (len(key) <= _MAX_KEY_BYTES // 4 or len(key.encode()) <= _MAX_KEY_BYTES):
+        return key
+    return "sha256:" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class PostgresDedupStore(LeaseStoreMixin):
@@ -88,6 +102,7 @@ class PostgresDedupStore(LeaseStoreMixin):
             self._pool = None
 
     async def claim(self, agent: str, key: str, *, lease_s: float) -> ClaimResult:
+        key = stored_key(key)
         async with self.pool.acquire() as conn:
             row = await conn.fetchrow(
                 f"""
@@ -110,6 +125,7 @@ class PostgresDedupStore(LeaseStoreMixin):
         return "done" if done else "busy"
 
     async def complete(self, agent: str, key: str) -> None:
+        key = stored_key(key)
         await self.pool.execute(
             f"""
             INSERT INTO {self.table} (agent, key, done, lease_until, updated_at) VALUES ($1, $2, true, now(), now())
@@ -120,9 +136,11 @@ class PostgresDedupStore(LeaseStoreMixin):
         )
 
     async def release(self, agent: str, key: str) -> None:
+        key = stored_key(key)
         await self.pool.execute(f"DELETE FROM {self.table} WHERE agent = $1 AND key = $2 AND NOT done", agent, key)
 
     async def extend(self, agent: str, key: str, *, lease_s: float) -> None:
+        key = stored_key(key)
         await self.pool.execute(
             f"UPDATE {self.table} SET lease_until = now() + make_interval(secs => $3), updated_at = now() "
             "WHERE agent = $1 AND key = $2 AND NOT done",
@@ -138,6 +156,7 @@ class PostgresDedupStore(LeaseStoreMixin):
         return int(result.split()[-1])
 
     async def begin(self, agent: str, key: str, *, lease_s: float) -> Claim:
+        key = stored_key(key)
         if not self.transactional:
             return await super().begin(agent, key, lease_s=lease_s)
         conn = await self.pool.acquire()

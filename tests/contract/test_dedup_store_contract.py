@@ -190,3 +190,24 @@ async def test_cleanup_removes_done_keys_past_retention(
     assert removed == 1
     assert await store.claim("a", "old", lease_s=30) == "claimed"  # forgotten after retention
     assert await store.claim("a", "pending", lease_s=30) == "busy"  # claims are not cleaned up
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["a\u0000b", secrets.token_hex(5000), "\U0001f600" * 128, "sha256:" + "0" * 64],
+    ids=["nul", "10k-chars", "4-byte-chars", "looks-hashed"],
+)
+async def test_any_key_the_wire_format_allows_can_be_claimed_and_completed(
+    store_factory: StoreFactory, key: str
+) -> None:
+    """A dedup key is any JSON string: a NUL or 10 kB of it must work like any other key
+    (PostgreSQL refused both, and each such message looped into retries_exhausted)."""
+    store = store_factory()
+    await store.open()
+    assert await store.claim("agent", key, lease_s=30) == "claimed"
+    assert await store.claim("agent", key, lease_s=30) == "busy"
+    assert await store.claim("agent", key + "x", lease_s=30) == "claimed"
+    await store.complete("agent", key)
+    assert await store.claim("agent", key, lease_s=30) == "done"
+    claim = await store.begin("agent", key, lease_s=30)
+    assert claim.status == "done"
