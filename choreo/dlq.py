@@ -30,7 +30,17 @@ from .runtime import AGENT, ATTEMPTS, DELAYED, ERROR, FAILED_AT, ORIGINAL_RK, RE
 from .topology import AgentQueues
 from .transport.base import Delivery, HeaderValue, OutgoingMessage, Transport
 
-__all__ = ["DeadLetter", "DlqFilter", "ReplayResult", "export", "peek", "purge", "replay", "summarize"]
+__all__ = [
+    "DeadLetter",
+    "DlqFilter",
+    "PurgeIncompleteError",
+    "ReplayResult",
+    "export",
+    "peek",
+    "purge",
+    "replay",
+    "summarize",
+]
 
 REPLAYED = "x-choreo-replayed"
 # Fault headers describe the last failure; a replayed message starts a fresh one.
@@ -147,25 +157,91 @@ def _dead_letter(delivery: Delivery) -> DeadLetter:
     return DeadLetter(delivery.body, dict(delivery.headers), delivery.message_id, delivery.correlation_id)
 
 
+class _Held:
+    """A fetched delivery that remembers whether it was settled. Settling a delivery tag twice
+    is a channel error (PRECONDITION_FAILED "unknown delivery tag"): the broker closes the
+    channel and the settles still on their way to a quorum queue are dropped, so the acked
+    messages come back."""
+
+    __slots__ = ("_delivery", "settled")
+
+    def __init__(self, delivery: Delivery) -> None:
+        self._delivery = delivery
+        self.settled = False
+
+    @property
+    def body(self) -> bytes:
+        return self._delivery.body
+
+    @property
+    def headers(self) -> Mapping[str, object]:
+        return self._delivery.headers
+
+    @property
+    def routing_key(self) -> str:
+        return self._delivery.routing_key
+
+    @property
+    def exchange(self) -> str:
+        return self._delivery.exchange
+
+    @property
+    def message_id(self) -> str | None:
+        return self._delivery.message_id
+
+    @property
+    def redelivered(self) -> bool:
+        return self._delivery.redelivered
+
+    @property
+    def correlation_id(self) -> str | None:
+        return self._delivery.correlation_id
+
+    @property
+    def type(self) -> str | None:
+        return self._delivery.type
+
+    async def ack(self) -> None:
+        # Marked before sending: a settle that failed half-way is never attempted again.
+        self.settled = True
+        await self._delivery.ack()
+
+    async def nack(self, *, requeue: bool) -> None:
+        self.settled = True
+        await self._delivery.nack(requeue=requeue)
+
+
 @contextlib.asynccontextmanager
-async def _snapshot(transport: Transport, queue: str, limit: int | None = None) -> AsyncIterator[list[Delivery]]:
+async def _snapshot(
+    transport: Transport,
+    queue: str,
+    limit: int | None = None,
+    on_fetch: Callable[[int, int], None] | None = None,
+) -> AsyncIterator[list[_Held]]:
     """The queue's current messages, fetched unacked; whatever the caller leaves unsettled is
-    returned to the queue, in order, on exit."""
+    returned to the queue, in order, on exit (what it settled is never settled again).
+    ``on_fetch(fetched, total)`` is called as messages arrive, for progress displays."""
     depth = await transport.queue_depth(queue)
     if limit is not None:
         depth = min(depth, limit)
-    held: list[Delivery] = []
+    held: list[_Held] = []
     try:
         while len(held) < depth:
             delivery = await transport.get(queue)
             if delivery is None:
                 break
-            held.append(delivery)
+            held.append(_Held(delivery))
+            if on_fetch:
+                on_fetch(len(held), depth)
         yield held
     finally:
         for delivery in held:
-            with contextlib.suppress(ChoreoError):
-                await delivery.nack(requeue=True)  # no-op error if already settled
+            if delivery.settled:
+                continue
+            try:
+                await delivery.nack(requeue=True)
+            except ChoreoError:
+                break  # the channel is gone: the broker returns every unsettled one itself
 
 
 @dataclass(frozen=True)
@@ -233,6 +309,8 @@ class ReplayResult:
     matched: int = 0
     replayed: int = 0
     dry_run: bool = False
+    fetched: int = 0  # of the snapshot, fetched so far (the first phase)
+    total: int = 0  # the snapshot's size: what ``fetched`` and then ``scanned`` count up to
 
 
 async def replay(
@@ -248,23 +326,30 @@ async def replay(
     """Move matching DLQ messages back to the agent's own queue; see the module's safety rules.
 
     ``limit`` bounds how many are replayed, ``rate`` how many per second. With ``dry_run``
-    nothing moves: the result says what would.
+    nothing moves: the result says what would. ``on_progress`` is called as each message is
+    fetched (``fetched`` of ``total``) and then as each is scanned (``scanned`` of ``total``).
     """
     where = where or DlqFilter()
     result = ReplayResult(dry_run=dry_run)
-    async with _snapshot(transport, queues.dlq) as held:
+
+    def fetched(count: int, total: int) -> None:
+        result.fetched, result.total = count, total
+        if on_progress:
+            on_progress(result)
+
+    async with _snapshot(transport, queues.dlq, on_fetch=fetched) as held:
+        result.fetched = result.total = len(held)
         for delivery in held:
             result.scanned += 1
             dead = _dead_letter(delivery)
-            if not where.matches(dead) or (limit is not None and result.matched >= limit):
-                continue
-            result.matched += 1
-            if not dry_run:
-                await transport.publish(_replay_message(dead, queues.main))  # confirmed first
-                await delivery.ack()
-                result.replayed += 1
-                if rate:
-                    await asyncio.sleep(1 / rate)
+            if where.matches(dead) and (limit is None or result.matched < limit):
+                result.matched += 1
+                if not dry_run:
+                    await transport.publish(_replay_message(dead, queues.main))  # confirmed first
+                    await delivery.ack()
+                    result.replayed += 1
+                    if rate:
+                        await asyncio.sleep(1 / rate)
             if on_progress:
                 on_progress(result)
     return result
@@ -292,8 +377,20 @@ def _replay_message(dead: DeadLetter, queue: str) -> OutgoingMessage:
     )
 
 
-async def purge(transport: Transport, queue: str, *, where: DlqFilter | None = None) -> int:
-    """Drop the matching messages of the current snapshot; returns how many."""
+class PurgeIncompleteError(ChoreoError):
+    """A purge acked messages that the queue still holds afterwards (the broker dropped the
+    settles, e.g. because the channel closed): nothing may be reported as deleted."""
+
+
+async def purge(
+    transport: Transport, queue: str, *, where: DlqFilter | None = None, verify_within_s: float = 5.0
+) -> int:
+    """Drop the matching messages of the current snapshot; returns how many.
+
+    Then checks the queue's depth: it must come down to at most what was not dropped. Raises
+    :class:`PurgeIncompleteError` if it does not within ``verify_within_s`` (messages arriving in the
+    DLQ meanwhile also count, so on a busy DLQ this can be a false alarm; running again is safe).
+    """
     where = where or DlqFilter()
     dropped = 0
     async with _snapshot(transport, queue) as held:
@@ -301,7 +398,39 @@ async def purge(transport: Transport, queue: str, *, where: DlqFilter | None = N
             if where.matches(_dead_letter(delivery)):
                 await delivery.ack()
                 dropped += 1
+                if dropped % _SETTLE_WINDOW == 0:
+                    await _pause_for_settles(transport, queue)
+        kept = len(held) - dropped
+    expected = await _settled_depth(transport, queue, kept, verify_within_s)
+    if expected > kept:
+        raise PurgeIncompleteError(
+            f"{queue}: acked {dropped} for deletion, but {expected - kept} of them are still in the queue"
+            f" ({expected} left, expected {kept}; new dead letters arriving meanwhile count too): run the purge again"
+        )
     return dropped
+
+
+# A quorum queue's client in the broker's channel keeps at most ~32 settles in flight and holds
+# the rest back until earlier ones are applied; those held back are dropped if the channel
+# closes first, and their messages return. Acks therefore go out in windows below that limit,
+# each followed by a broker round trip that gives the earlier ones time to be applied.
+_SETTLE_WINDOW = 25
+
+
+async def _pause_for_settles(transport: Transport, queue: str) -> None:
+    await transport.queue_depth(queue)
+
+
+async def _settled_depth(transport: Transport, queue: str, at_most: int, within_s: float) -> int:
+    """The queue's depth once it is at most ``at_most``, or its depth after ``within_s``
+    (settles reach a quorum queue asynchronously, so the first reading can be stale)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within_s
+    while True:
+        depth = await transport.queue_depth(queue)
+        if depth <= at_most or loop.time() >= deadline:
+            return depth
+        await asyncio.sleep(0.1)
 
 
 async def export(transport: Transport, queue: str, write: Callable[[str], object]) -> int:

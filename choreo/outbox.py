@@ -16,28 +16,34 @@ Then run ``choreo outbox relay --db sqlite:///shop.db`` (or ``postgresql://...``
 unsent rows in insertion order, each confirmed by the broker before it is marked sent. The
 envelope (and its id) is fixed when written, so a row re-published after a crash between
 confirm and mark is the same event, absorbed by the consumers' dedup.
+
+A row that can never be published (its body is not a valid envelope, or it cannot be encoded)
+is logged as an error naming its ``seq`` and ``id``, left unsent in the table (nothing is
+deleted or marked), and skipped by this relay process so the rows behind it still go out;
+:attr:`Relay.failed` lists such rows, and ``choreo outbox relay --once`` exits 1 naming them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .config import Settings
 from .envelope import Envelope
-from .errors import ConfigError, TransportError
+from .errors import ChoreoError, ConfigError, HeadersNotSendable, TransportError
 from .events import Event
 from .log import get_logger
 from .publisher import new_envelope, to_message
 from .stores.base import ensure_pg_schema
 from .stores.sqlite import connect as sqlite_connect
-from .transport.base import Transport
+from .transport.base import OutgoingMessage, Transport
 
-__all__ = ["OutboxRow", "Relay", "open_outbox", "write_postgres", "write_sqlite"]
+__all__ = ["FailedRow", "OutboxError", "OutboxRow", "Relay", "open_outbox", "write_postgres", "write_sqlite"]
 
 log = get_logger("choreo.outbox")
 TABLE = "choreo_outbox"
@@ -105,6 +111,10 @@ async def ensure_postgres(conn: Any) -> None:
     await ensure_pg_schema(conn, TABLE, _PG_SCHEMA)
 
 
+class OutboxError(ChoreoError):
+    """The outbox database cannot be used: unreachable, not a database, or without the table."""
+
+
 @dataclass(frozen=True)
 class OutboxRow:
     seq: int
@@ -116,9 +126,16 @@ class OutboxRow:
 class Outbox(Protocol):
     async def open(self) -> None: ...
     async def close(self) -> None: ...
-    async def unsent(self, limit: int) -> Sequence[OutboxRow]: ...
+    async def unsent(self, limit: int, skip: Collection[int] = ()) -> Sequence[OutboxRow]:
+        """The first ``limit`` unsent rows in order, leaving out the ``skip`` seqs."""
+        ...
+
     async def mark_sent(self, seqs: Sequence[int]) -> None: ...
     async def pending(self) -> int: ...
+
+
+def _is_file(path: str) -> bool:
+    return os.path.isfile(path)
 
 
 class SQLiteOutbox:
@@ -127,9 +144,24 @@ class SQLiteOutbox:
         self._db: sqlite3.Connection | None = None
 
     async def open(self) -> None:
-        self._db = sqlite_connect(self.path)
-        for statement in _SQLITE_SCHEMA:
-            self._db.execute(statement)
+        """Open an existing outbox; never creates a database or the table (a mistyped path
+        would otherwise relay an empty new file and report success)."""
+        if not _is_file(self.path):
+            raise OutboxError(f"outbox database {self.path!r} does not exist (check the path or the working directory)")
+        try:
+            self._db = sqlite_connect(self.path)
+            has_table = _has_table(self._db)
+        except sqlite3.DatabaseError as exc:
+            await self.close()
+            raise OutboxError(f"outbox database {self.path!r} is not a usable SQLite database: {exc}") from exc
+        if not has_table:
+            await self.close()
+            raise OutboxError(
+                f"outbox database {self.path!r} has no {TABLE} table"
+                " (choreo.outbox.write_sqlite creates it with the first event written)"
+            )
+        # The unsent-rows index, for a table created by an older version.
+        self._db.execute(_SQLITE_SCHEMA[1])
 
     async def close(self) -> None:
         if self._db is not None:
@@ -142,9 +174,12 @@ class SQLiteOutbox:
             raise RuntimeError("outbox is not open")
         return self._db
 
-    async def unsent(self, limit: int) -> Sequence[OutboxRow]:
+    async def unsent(self, limit: int, skip: Collection[int] = ()) -> Sequence[OutboxRow]:
+        marks = ",".join("?" * len(skip))
         rows = self.db.execute(
-            f"SELECT seq, id, type, body FROM {TABLE} WHERE sent_at IS NULL ORDER BY seq LIMIT ?", (limit,)
+            f"SELECT seq, id, type, body FROM {TABLE} WHERE sent_at IS NULL AND seq NOT IN ({marks})"
+            " ORDER BY seq LIMIT ?",
+            (*skip, limit),
         ).fetchall()
         return [OutboxRow(seq, id_, type_, bytes(body)) for seq, id_, type_, body in rows]
 
@@ -165,7 +200,10 @@ class PostgresOutbox:
     async def open(self) -> None:
         import asyncpg
 
-        self._conn = await asyncpg.connect(self.dsn)
+        try:
+            self._conn = await asyncpg.connect(self.dsn)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise OutboxError(f"cannot connect to the outbox database: {exc}") from exc
         await ensure_postgres(self._conn)
 
     async def close(self) -> None:
@@ -173,9 +211,12 @@ class PostgresOutbox:
             await self._conn.close()
             self._conn = None
 
-    async def unsent(self, limit: int) -> Sequence[OutboxRow]:
+    async def unsent(self, limit: int, skip: Collection[int] = ()) -> Sequence[OutboxRow]:
         rows = await self._conn.fetch(
-            f"SELECT seq, id, type, body FROM {TABLE} WHERE sent_at IS NULL ORDER BY seq LIMIT $1", limit
+            f"SELECT seq, id, type, body FROM {TABLE} WHERE sent_at IS NULL AND NOT (seq = ANY($2::bigint[]))"
+            " ORDER BY seq LIMIT $1",
+            limit,
+            list(skip),
         )
         return [OutboxRow(r["seq"], r["id"], r["type"], bytes(r["body"])) for r in rows]
 
@@ -187,16 +228,36 @@ class PostgresOutbox:
 
 
 def open_outbox(url: str) -> Outbox:
-    """``sqlite:///path/to/file.db`` or ``postgresql://...``."""
+    """``sqlite:///path/to/file.db`` or ``postgresql://...``.
+
+    As in SQLAlchemy, ``sqlite:///shop.db`` is ``shop.db`` relative to the working directory
+    and ``sqlite:////var/lib/shop.db`` (four slashes) the absolute path."""
     if url.startswith("sqlite:///"):
-        return SQLiteOutbox(url[len("sqlite://") :])
+        path = url[len("sqlite:///") :]
+        if not path:
+            raise ConfigError(f"outbox database {url!r}: no file path after sqlite:///")
+        return SQLiteOutbox(path)
     if url.startswith(("postgres://", "postgresql://")):
         return PostgresOutbox(url)
     raise ConfigError(f"outbox database {url!r}: expected sqlite:///path or postgresql://...")
 
 
+@dataclass(frozen=True)
+class FailedRow:
+    """An outbox row that cannot be published however often it is tried; it stays unsent."""
+
+    seq: int
+    id: str
+    error: str
+
+
 class Relay:
-    """Publishes an outbox's unsent rows in order, each confirmed before it is marked sent."""
+    """Publishes an outbox's unsent rows in order, each confirmed before it is marked sent.
+
+    A row that fails for a permanent reason (not a :class:`TransportError`, or headers too large
+    for a frame) is logged, recorded in :attr:`failed` and skipped from then on by this relay;
+    it stays unsent in the table, so a fixed relay (or an operator) can still send it.
+    """
 
     def __init__(self, outbox: Outbox, transport: Transport, settings: Settings, *, batch: int = 100) -> None:
         self.outbox = outbox
@@ -204,29 +265,73 @@ class Relay:
         self.settings = settings
         self.batch = batch
         self.published = 0
+        self.failed: dict[int, FailedRow] = {}
+
+    def _fail(self, row: OutboxRow, exc: BaseException) -> None:
+        error = f"{type(exc).__name__}: {exc}"
+        self.failed[row.seq] = FailedRow(row.seq, row.id, error)
+        log.error("outbox row cannot be published; left unsent and skipped", seq=row.seq, id=row.id, error=error)
+
+    def _message(self, row: OutboxRow) -> OutgoingMessage:
+        envelope = Envelope.model_validate_json(row.body)
+        message = to_message(
+            envelope,
+            self.settings.keyring,
+            self.settings.naming.exchange,
+            expiration_slack_ms=self.settings.clock_skew_ms,
+        )
+        message.body = row.body  # publish the stored bytes exactly, signed as they are
+        message.headers.update(self.settings.keyring.sign(row.body))
+        return message
 
     async def relay_once(self) -> int:
-        """Publish one batch; returns how many rows were sent (0 when the outbox is drained)."""
-        rows = await self.outbox.unsent(self.batch)
+        """Publish one batch; returns how many rows were sent or set aside as unpublishable
+        (0 when nothing is left to try). Raises :class:`TransportError` if the broker did not
+        confirm (the same rows are tried again next time)."""
+        rows = await self.outbox.unsent(self.batch, self.failed.keys())
         if not rows:
             return 0
-        messages = []
+        batch: list[tuple[OutboxRow, OutgoingMessage]] = []
         for row in rows:
-            envelope = Envelope.model_validate_json(row.body)
-            message = to_message(
-                envelope,
-                self.settings.keyring,
-                self.settings.naming.exchange,
-                expiration_slack_ms=self.settings.clock_skew_ms,
-            )
-            message.body = row.body  # publish the stored bytes exactly, signed as they are
-            message.headers.update(self.settings.keyring.sign(row.body))
-            messages.append(message)
-        # One channel publishes in call order, so the batch keeps the outbox order.
-        await self.transport.publish_many(messages)
-        await self.outbox.mark_sent([row.seq for row in rows])
-        self.published += len(rows)
+            try:
+                batch.append((row, self._message(row)))
+            except Exception as exc:  # a body no relay can send: retrying cannot help
+                self._fail(row, exc)
+        try:
+            # One channel publishes in call order, so the batch keeps the outbox order.
+            await self.transport.publish_many([message for _, message in batch])
+            sent = [row.seq for row, _ in batch]
+        except HeadersNotSendable:
+            sent = await self._one_by_one(batch)
+        except TransportError:
+            raise
+        except Exception:  # e.g. the transport could not encode one of them: find which
+            sent = await self._one_by_one(batch)
+        if sent:
+            await self.outbox.mark_sent(sent)
+        self.published += len(sent)
         return len(rows)
+
+    async def _one_by_one(self, batch: list[tuple[OutboxRow, OutgoingMessage]]) -> list[int]:
+        """Publish ``batch`` in order one at a time, setting aside the rows that fail for good.
+        Before a transport error is raised, what was confirmed so far is marked sent."""
+        sent: list[int] = []
+        for row, message in batch:
+            try:
+                await self.transport.publish(message)
+            except HeadersNotSendable as exc:
+                self._fail(row, exc)
+                continue
+            except TransportError:
+                if sent:
+                    await self.outbox.mark_sent(sent)
+                    self.published += len(sent)
+                raise
+            except Exception as exc:
+                self._fail(row, exc)
+                continue
+            sent.append(row.seq)
+        return sent
 
     async def run(self, stop: asyncio.Event, *, idle_s: float = 0.5) -> None:
         """Relay until ``stop``; rides out broker outages by retrying the same rows."""

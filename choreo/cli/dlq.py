@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import sys
+import tempfile
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -39,6 +42,33 @@ def _since(value: str | None) -> datetime | None:
     except ValueError:
         raise click.BadParameter(f"{value!r}: use an RFC 3339 time or a duration like 30m, 2h, 1d") from None
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+class _PlainProgress:
+    """Replay progress for a log or a pipe: one line every 1000 messages or 2 seconds."""
+
+    def __init__(self, agent: str, *, every: int = 1000, interval_s: float = 2.0) -> None:
+        self.agent = agent
+        self.every = every
+        self.interval_s = interval_s
+        self.last_at = time.monotonic()
+        self.last_count = 0
+        self.fetching = True
+
+    def __call__(self, r: ops.ReplayResult) -> None:
+        fetching = r.scanned == 0
+        if fetching != self.fetching:  # the scan phase counts from 0 again
+            self.fetching, self.last_count = fetching, 0
+        count = r.fetched if fetching else r.scanned
+        now = time.monotonic()
+        if count - self.last_count < self.every and now - self.last_at < self.interval_s:
+            return
+        self.last_at, self.last_count = now, count
+        if fetching:
+            line = f"{self.agent}: fetched {r.fetched}/{r.total}"
+        else:
+            line = f"{self.agent}: scanned {r.scanned}/{r.total}, matched {r.matched}, replayed {r.replayed}"
+        click.echo(line, err=True)
 
 
 def _with_transport(url: str | None, work: Callable[[RabbitMQTransport, Settings], Awaitable[T]]) -> T:
@@ -158,14 +188,7 @@ def replay(
     async def work(transport: RabbitMQTransport, settings: Settings) -> ops.ReplayResult:
         queues = settings.naming.agent_queues(agent)
         total = await transport.queue_depth(queues.dlq)
-        with Progress(
-            TextColumn("replaying" if not dry_run else "checking"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            console=console,
-            disable=not console.is_terminal,
-        ) as progress:
-            task = progress.add_task("dlq", total=total)
+        if not console.is_terminal:  # a log or a pipe: plain lines instead of a bar
             return await ops.replay(
                 transport,
                 queues,
@@ -173,7 +196,18 @@ def replay(
                 limit=limit,
                 rate=rate,
                 dry_run=dry_run,
-                on_progress=lambda r: progress.update(task, completed=r.scanned),
+                on_progress=_PlainProgress(agent),
+            )
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=console) as progress:
+            fetching = progress.add_task("fetching", total=total)
+            scanning = progress.add_task("replaying" if not dry_run else "checking", total=total)
+
+            def show(r: ops.ReplayResult) -> None:
+                progress.update(fetching, completed=r.fetched, total=r.total)
+                progress.update(scanning, completed=r.scanned, total=r.total)
+
+            return await ops.replay(
+                transport, queues, where=where, limit=limit, rate=rate, dry_run=dry_run, on_progress=show
             )
 
     result = _with_transport(url, work)
@@ -207,10 +241,21 @@ def export_(agent: str, file: Path, url: str | None) -> None:
 
     async def work(transport: RabbitMQTransport, settings: Settings) -> int:
         queue = settings.naming.agent_queues(agent).dlq
+        await transport.queue_depth(queue)  # a missing queue fails here, before FILE is touched
         if str(file) == "-":
             return await ops.export(transport, queue, sys.stdout.write)
-        with file.open("w", encoding="utf-8") as handle:
-            return await ops.export(transport, queue, handle.write)
+        # Written beside FILE and renamed over it only once complete: a failed export never
+        # truncates or half-writes an existing backup.
+        fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                count = await ops.export(transport, queue, handle.write)
+            os.replace(tmp, file)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return count
 
     count = _with_transport(url, work)
     click.echo(f"{agent}: exported {count} to {file}", err=True)

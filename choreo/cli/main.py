@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 from pathlib import Path
@@ -80,3 +81,24 @@ def main() -> None:
         sys.exit(2 if type(exc).__name__ == "ConfigError" else 1)
     except SystemExit:
         raise
+    except Exception as exc:
+        if not isinstance(exc, _runtime_errors()):
+            raise  # a bug: its traceback is what a report needs
+        click.echo(f"error: {_describe(exc)}", err=True)
+        sys.exit(1)
+
+
+def _runtime_errors() -> tuple[type[BaseException], ...]:
+    """What the world outside (network, files, the databases choreo talks to) can raise: a
+    runtime failure to report in one line, not a bug. Looked up only when something failed."""
+    errors: list[type[BaseException]] = [OSError]
+    for store in ("redis", "postgres"):  # each names its own library's errors
+        with contextlib.suppress(ImportError):
+            errors += importlib.import_module(f"choreo.stores.{store}").BACKEND_ERRORS
+    return tuple(errors)
+
+
+def _describe(exc: BaseException) -> str:
+    module = type(exc).__module__.partition(".")[0]
+    origin = "" if module == "builtins" else f"{module}: "  # redis:, asyncpg:
+    return f"{origin}{exc}"

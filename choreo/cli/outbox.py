@@ -36,33 +36,45 @@ def outbox() -> None:
 def relay(db_url: str, url: str | None, batch: int, once: bool) -> None:
     """Publish unsent outbox rows in order, each confirmed before it is marked sent; ride out
     broker outages; stop on SIGTERM/SIGINT. Safe to restart at any point: a row re-published
-    after a crash carries the same event id, which consumers deduplicate."""
+    after a crash carries the same event id, which consumers deduplicate.
+
+    sqlite:///shop.db is shop.db in the working directory, sqlite:////srv/shop.db an absolute
+    path; the file and its outbox table must exist. A row that can never be published (not a
+    valid envelope) is logged, left unsent and skipped; the relay then exits 1 naming it."""
     configure()
     settings = Settings.from_env(amqp_url=url)
 
-    async def go() -> int:
+    async def go() -> Relay:
         box = open_outbox(db_url)
         await box.open()
-        transport = RabbitMQTransport(settings.amqp_url, connection_name="choreo-outbox-relay")
-        await transport.connect()
-        relay = Relay(box, transport, settings, batch=batch)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         try:
-            log.info("outbox relay started", pending=await box.pending())
-            if once:
-                while await relay.relay_once():
-                    pass
-            else:
-                await relay.run(stop)
+            transport = RabbitMQTransport(settings.amqp_url, connection_name="choreo-outbox-relay")
+            await transport.connect()
+            relay = Relay(box, transport, settings, batch=batch)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            try:
+                log.info("outbox relay started", pending=await box.pending())
+                if once:
+                    while await relay.relay_once():
+                        pass
+                else:
+                    await relay.run(stop)
+            finally:
+                log.info("outbox relay stopped", published=relay.published, pending=await box.pending())
+                await transport.close()
         finally:
-            log.info("outbox relay stopped", published=relay.published, pending=await box.pending())
-            await transport.close()
             await box.close()
-        return relay.published
+        return relay
 
-    published = run(go())
-    click.echo(f"published {published}", err=True)
+    relay = run(go())
+    click.echo(f"published {relay.published}", err=True)
+    if relay.failed:
+        for row in relay.failed.values():
+            click.echo(
+                f"error: outbox row seq={row.seq} id={row.id} cannot be published, left unsent: {row.error}", err=True
+            )
+        sys.exit(1)
     sys.exit(0)

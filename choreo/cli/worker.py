@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from ..config import Settings
+from ..errors import ConfigError
 from ..log import configure
 from ..observability import tracing
 from ..worker import Worker
@@ -42,7 +43,20 @@ def worker(
     """
     configure(json=json_logs)
     loaded = [load_agent(spec) for spec in agents]
+    names = [a.name for a in loaded]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:  # each agent owns its queue: two copies in one worker would share it
+        raise ConfigError(f"agent names must be unique in one worker: {', '.join(repeated)} given more than once")
     settings = Settings.from_env(amqp_url=url, prefetch=prefetch, state_dir=state_dir, http_port=http_port)
-    tracing.configure_from_env(service_name=",".join(a.name for a in loaded))
-    clean = run(Worker(loaded, settings=settings).run())
+    tracing.configure_from_env(service_name=",".join(names))
+    try:
+        clean = run(Worker(loaded, settings=settings).run())
+    except OSError as exc:
+        if exc.filename is None:
+            raise  # a network failure: reported by choreo.cli.main as a runtime error
+        # A path the worker cannot use: the state directory (or a store file inside it).
+        raise ConfigError(
+            f"{exc.filename}: {exc.strerror or exc} (state directory: {settings.state_dir};"
+            " set CHOREO_STATE_DIR or --state-dir)"
+        ) from exc
     sys.exit(0 if clean else 3)

@@ -36,6 +36,10 @@ def connection_of(ctx: Context[Any]) -> asyncpg.Connection:
     return conn  # type: ignore[return-value]
 
 
+# What PostgreSQL and asyncpg can raise: the CLI reports these in one line, as failures of the
+# world outside.
+BACKEND_ERRORS: tuple[type[Exception], ...] = (asyncpg.PostgresError, asyncpg.InterfaceError)
+
 # PostgreSQL text cannot hold NUL, and a btree index entry is at most about 8 kB: such keys
 # (valid JSON strings all the same) are stored as their SHA-256, every other key as it is, so
 # the keys of existing tables keep their meaning.

@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from .base import ClaimResult, LeaseStoreMixin
 
@@ -35,6 +36,10 @@ if v == false or v == ARGV[1] or v == 'done' then
 end
 return 0
 """
+
+
+# What Redis itself can raise: the CLI reports these in one line, as failures of the world outside.
+BACKEND_ERRORS: tuple[type[Exception], ...] = (redis.exceptions.RedisError,)
 
 
 class RedisDedupStore(LeaseStoreMixin):

@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 
 from choreo import Agent, Context, Event, Keyring, Settings, Worker
+from choreo.dlq import peek
 from choreo.management import management_for
 from choreo.publisher import new_envelope, to_message
+from choreo.runtime import REASON, topology_for
 from choreo.signing import HmacKey
 from choreo.testing import wait_for
 from choreo.transport import OutgoingMessage
@@ -138,3 +140,104 @@ async def test_fix_then_replay_brings_every_message_through_exactly_once(
     out = await choreo_cli(settings, amqp_url, "dlq", "purge", "operated", "--reason", "malformed", "--yes")
     assert "purged 3" in out
     assert await transport.queue_depth(queues.dlq) == 0
+
+
+async def run_choreo(settings: Settings, amqp_url: str, *args: str) -> tuple[int, str, str]:
+    env = {
+        **os.environ,
+        "CHOREO_AMQP_URL": amqp_url,
+        "CHOREO_EXCHANGE": settings.naming.exchange,
+        "CHOREO_QUEUE_PREFIX": settings.naming.queue_prefix,
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "choreo", *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def fill_dlq(transport: RabbitMQTransport, settings: Settings, reasons: list[str]) -> str:
+    """The agent's real (quorum) DLQ, holding one message per entry of ``reasons``."""
+    await transport.declare(topology_for(make_agent([]), settings))
+    dlq = settings.naming.agent_queues("operated").dlq
+    for start in range(0, len(reasons), 250):
+        await transport.publish_many(
+            [
+                OutgoingMessage("", dlq, f"m{n}".encode(), {REASON: reasons[n]})
+                for n in range(start, min(start + 250, len(reasons)))
+            ]
+        )
+    await wait_for(
+        lambda: _depth_is(transport, dlq, len(reasons)), within=20, what=f"{len(reasons)} messages in the DLQ"
+    )
+    return dlq
+
+
+async def _depth_is(transport: RabbitMQTransport, queue: str, depth: int) -> bool:
+    return await transport.queue_depth(queue) == depth
+
+
+async def test_purge_of_many_dead_letters_deletes_every_one(
+    rabbit_factory: Callable[[], Awaitable[RabbitMQTransport]], settings: Settings, amqp_url: str
+) -> None:
+    transport = await rabbit_factory()
+    dlq = await fill_dlq(transport, settings, ["malformed"] * 600)
+    code, out, err = await run_choreo(settings, amqp_url, "dlq", "purge", "operated", "--yes")
+    assert code == 0, out + err
+    assert "purged 600" in out
+    # Settles dropped with a closed channel put the messages back once the CLI's connection
+    # is gone, which it is now.
+    assert await transport.queue_depth(dlq) == 0, out + err
+
+
+async def test_purge_by_reason_deletes_exactly_the_matching_ones(
+    rabbit_factory: Callable[[], Awaitable[RabbitMQTransport]], settings: Settings, amqp_url: str
+) -> None:
+    transport = await rabbit_factory()
+    dlq = await fill_dlq(transport, settings, ["malformed", "signature"] * 300)
+    code, out, err = await run_choreo(settings, amqp_url, "dlq", "purge", "operated", "--reason", "malformed", "--yes")
+    assert code == 0, out + err
+    assert "purged 300" in out
+    await wait_for(lambda: _depth_is(transport, dlq, 300), within=10, what="the 300 kept back in the DLQ")
+    left = await peek(transport, dlq)
+    assert {dead.reason for dead in left} == {"signature"}
+    assert len(left) == 300
+
+
+async def test_export_of_a_missing_queue_leaves_the_existing_file_alone(
+    settings: Settings, amqp_url: str, tmp_path: Path
+) -> None:
+    backup = tmp_path / "backup.jsonl"
+    backup.write_text('{"kept": 1}\n{"kept": 2}\n')
+    code, out, err = await run_choreo(settings, amqp_url, "dlq", "export", "no-such-agent", str(backup))
+    assert code == 1, out + err
+    assert "does not exist" in err
+    assert "Traceback" not in err
+    assert backup.read_text() == '{"kept": 1}\n{"kept": 2}\n'
+    assert sorted(os.listdir(tmp_path)) == ["backup.jsonl"]  # no temp file left
+
+
+async def test_export_replaces_the_file_with_a_complete_copy(
+    rabbit_factory: Callable[[], Awaitable[RabbitMQTransport]], settings: Settings, amqp_url: str, tmp_path: Path
+) -> None:
+    transport = await rabbit_factory()
+    await fill_dlq(transport, settings, ["malformed"] * 3)
+    backup = tmp_path / "backup.jsonl"
+    backup.write_text("old\n" * 10)
+    code, out, err = await run_choreo(settings, amqp_url, "dlq", "export", "operated", str(backup))
+    assert code == 0, out + err
+    assert [json.loads(line)["body"] for line in backup.read_text().splitlines()] == ["m0", "m1", "m2"]
+    assert sorted(os.listdir(tmp_path)) == ["backup.jsonl"]
+
+
+async def test_replay_without_a_terminal_prints_progress_lines(
+    rabbit_factory: Callable[[], Awaitable[RabbitMQTransport]], settings: Settings, amqp_url: str
+) -> None:
+    transport = await rabbit_factory()
+    await fill_dlq(transport, settings, ["signature"] * 2100)
+    code, out, err = await run_choreo(settings, amqp_url, "dlq", "replay", "operated", "--dry-run")
+    assert code == 0, out + err
+    assert "would replay 2100" in out
+    assert "operated: fetched 1000/2100" in err  # the fetch phase shows progress too
+    assert "operated: scanned 1000/2100" in err

@@ -13,7 +13,18 @@ import pytest
 
 from choreo import Event, Settings
 from choreo.codec import loads_object
-from choreo.outbox import TABLE, PostgresOutbox, Relay, SQLiteOutbox, ensure_postgres, write_postgres, write_sqlite
+from choreo.outbox import (
+    TABLE,
+    OutboxError,
+    PostgresOutbox,
+    Relay,
+    SQLiteOutbox,
+    ensure_postgres,
+    open_outbox,
+    write_postgres,
+    write_sqlite,
+)
+from choreo.testing import wait_for
 from choreo.topology import QueueSpec, Topology
 from choreo.transport import InMemoryBroker, InMemoryTransport
 
@@ -122,3 +133,55 @@ async def test_ensure_postgres_inside_the_callers_own_transaction(schema_dsn: st
         assert await service.fetchval(f"SELECT count(*) FROM {TABLE}") == 1
     finally:
         await service.close()
+
+
+def test_sqlite_urls_read_as_in_sqlalchemy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    relative = open_outbox("sqlite:///shop.db")
+    assert isinstance(relative, SQLiteOutbox)
+    assert relative.path == "shop.db"  # in the working directory, not /shop.db
+    absolute = open_outbox(f"sqlite:///{tmp_path / 'shop.db'}")  # four slashes in all
+    assert isinstance(absolute, SQLiteOutbox)
+    assert absolute.path == str(tmp_path / "shop.db")
+
+
+async def test_sqlite_outbox_refuses_a_missing_file_a_non_database_and_a_missing_table(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.db"
+    with pytest.raises(OutboxError, match="does not exist"):
+        await SQLiteOutbox(str(missing)).open()
+    assert not missing.exists()  # nothing created
+    text = tmp_path / "notes.txt"
+    text.write_text("not a database\n" * 100)
+    with pytest.raises(OutboxError, match="not a usable SQLite database"):
+        await SQLiteOutbox(str(text)).open()
+    other = tmp_path / "other.db"
+    sqlite3.connect(other).close()
+    with pytest.raises(OutboxError, match=f"no {TABLE} table"):
+        await SQLiteOutbox(str(other)).open()
+
+
+async def test_relay_sets_aside_a_row_it_cannot_publish_and_sends_the_rest(settings: Settings, tmp_path: Path) -> None:
+    path = tmp_path / "shop.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    for n in range(4):
+        write_sqlite(db, Shipped(n=n), source="shop")
+        if n == 1:  # a row some other writer got wrong: no relay can ever send it
+            db.execute(f"INSERT INTO {TABLE} (id, type, body) VALUES ('bad-1', 'parcel.shipped', x'7b7d')")
+    db.close()
+    transport = await sink(settings)
+    box = SQLiteOutbox(str(path))
+    await box.open()
+    relay = Relay(box, transport, settings, batch=2)
+    stop = asyncio.Event()
+    task = asyncio.create_task(relay.run(stop, idle_s=0.01))
+    try:
+        await wait_for(lambda: relay.published == 4 or task.done(), within=10, what="the 4 good rows")
+        assert not task.done()  # the bad row did not kill the relay
+    finally:
+        stop.set()
+        await task
+    assert await relay_all(relay, transport, settings) == [0, 1, 2, 3]  # in order, around the bad one
+    assert [(row.seq, row.id) for row in relay.failed.values()] == [(3, "bad-1")]
+    assert "ValidationError" in relay.failed[3].error
+    assert await box.pending() == 1  # left unsent, never lost
+    await box.close()
