@@ -157,58 +157,22 @@ def _dead_letter(delivery: Delivery) -> DeadLetter:
     return DeadLetter(delivery.body, dict(delivery.headers), delivery.message_id, delivery.correlation_id)
 
 
-class _Held:
-    """A fetched delivery that remembers whether it was settled. Settling a delivery tag twice
-    is a channel error (PRECONDITION_FAILED "unknown delivery tag"): the broker closes the
+class _Snapshot:
+    """Deliveries fetched unacked, and which of them the caller acked. Settling a delivery tag
+    twice is a channel error (PRECONDITION_FAILED "unknown delivery tag"): the broker closes the
     channel and the settles still on their way to a quorum queue are dropped, so the acked
-    messages come back."""
+    messages come back. Only what was not acked is returned on exit."""
 
-    __slots__ = ("_delivery", "settled")
+    def __init__(self) -> None:
+        self.held: list[Delivery] = []
+        self._acked: set[int] = set()
 
-    def __init__(self, delivery: Delivery) -> None:
-        self._delivery = delivery
-        self.settled = False
+    async def ack(self, delivery: Delivery) -> None:
+        self._acked.add(id(delivery))  # marked first: a settle that failed half-way is not retried
+        await delivery.ack()
 
-    @property
-    def body(self) -> bytes:
-        return self._delivery.body
-
-    @property
-    def headers(self) -> Mapping[str, object]:
-        return self._delivery.headers
-
-    @property
-    def routing_key(self) -> str:
-        return self._delivery.routing_key
-
-    @property
-    def exchange(self) -> str:
-        return self._delivery.exchange
-
-    @property
-    def message_id(self) -> str | None:
-        return self._delivery.message_id
-
-    @property
-    def redelivered(self) -> bool:
-        return self._delivery.redelivered
-
-    @property
-    def correlation_id(self) -> str | None:
-        return self._delivery.correlation_id
-
-    @property
-    def type(self) -> str | None:
-        return self._delivery.type
-
-    async def ack(self) -> None:
-        # Marked before sending: a settle that failed half-way is never attempted again.
-        self.settled = True
-        await self._delivery.ack()
-
-    async def nack(self, *, requeue: bool) -> None:
-        self.settled = True
-        await self._delivery.nack(requeue=requeue)
+    def unacked(self) -> list[Delivery]:
+        return [d for d in self.held if id(d) not in self._acked]
 
 
 @contextlib.asynccontextmanager
@@ -217,27 +181,26 @@ async def _snapshot(
     queue: str,
     limit: int | None = None,
     on_fetch: Callable[[int, int], None] | None = None,
-) -> AsyncIterator[list[_Held]]:
-    """The queue's current messages, fetched unacked; whatever the caller leaves unsettled is
-    returned to the queue, in order, on exit (what it settled is never settled again).
-    ``on_fetch(fetched, total)`` is called as messages arrive, for progress displays."""
+) -> AsyncIterator[_Snapshot]:
+    """The queue's current messages, fetched unacked; whatever the caller leaves unacked is
+    returned to the queue, in order, on exit. ``on_fetch(fetched, total)`` is called as
+    messages arrive, for progress displays."""
     depth = await transport.queue_depth(queue)
     if limit is not None:
         depth = min(depth, limit)
-    held: list[_Held] = []
+    snapshot = _Snapshot()
+    held = snapshot.held
     try:
         while len(held) < depth:
             delivery = await transport.get(queue)
             if delivery is None:
                 break
-            held.append(_Held(delivery))
+            held.append(delivery)
             if on_fetch:
                 on_fetch(len(held), depth)
-        yield held
+        yield snapshot
     finally:
-        for delivery in held:
-            if delivery.settled:
-                continue
+        for delivery in snapshot.unacked():
             try:
                 await delivery.nack(requeue=True)
             except ChoreoError:
@@ -264,8 +227,8 @@ class DlqFilter:
 
 async def peek(transport: Transport, queue: str, *, limit: int | None = None) -> list[DeadLetter]:
     """The first ``limit`` messages of ``queue``, left where they are."""
-    async with _snapshot(transport, queue, limit) as held:
-        return [_dead_letter(d) for d in held]
+    async with _snapshot(transport, queue, limit) as snapshot:
+        return [_dead_letter(d) for d in snapshot.held]
 
 
 @dataclass
@@ -337,16 +300,16 @@ async def replay(
         if on_progress:
             on_progress(result)
 
-    async with _snapshot(transport, queues.dlq, on_fetch=fetched) as held:
-        result.fetched = result.total = len(held)
-        for delivery in held:
+    async with _snapshot(transport, queues.dlq, on_fetch=fetched) as snapshot:
+        result.fetched = result.total = len(snapshot.held)
+        for delivery in snapshot.held:
             result.scanned += 1
             dead = _dead_letter(delivery)
             if where.matches(dead) and (limit is None or result.matched < limit):
                 result.matched += 1
                 if not dry_run:
                     await transport.publish(_replay_message(dead, queues.main))  # confirmed first
-                    await delivery.ack()
+                    await snapshot.ack(delivery)
                     result.replayed += 1
                     if rate:
                         await asyncio.sleep(1 / rate)
@@ -393,14 +356,14 @@ async def purge(
     """
     where = where or DlqFilter()
     dropped = 0
-    async with _snapshot(transport, queue) as held:
-        for delivery in held:
+    async with _snapshot(transport, queue) as snapshot:
+        for delivery in snapshot.held:
             if where.matches(_dead_letter(delivery)):
-                await delivery.ack()
+                await snapshot.ack(delivery)
                 dropped += 1
                 if dropped % _SETTLE_WINDOW == 0:
                     await _pause_for_settles(transport, queue)
-        kept = len(held) - dropped
+        kept = len(snapshot.held) - dropped
     expected = await _settled_depth(transport, queue, kept, verify_within_s)
     if expected > kept:
         raise PurgeIncompleteError(

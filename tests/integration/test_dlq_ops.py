@@ -46,18 +46,9 @@ def make_agent(handled: list[str]) -> Agent[None]:
 
 
 async def choreo_cli(settings: Settings, amqp_url: str, *args: str) -> str:
-    env = {
-        **os.environ,
-        "CHOREO_AMQP_URL": amqp_url,
-        "CHOREO_EXCHANGE": settings.naming.exchange,
-        "CHOREO_QUEUE_PREFIX": settings.naming.queue_prefix,
-    }
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "choreo", *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0, (out + err).decode()
-    return out.decode() + err.decode()
+    code, out, err = await run_choreo(settings, amqp_url, *args)
+    assert code == 0, out + err
+    return out + err
 
 
 async def test_fix_then_replay_brings_every_message_through_exactly_once(
