@@ -19,7 +19,7 @@ from .observability import tracing as otel
 from .signing import Keyring
 from .transport.base import HeaderValue, OutgoingMessage, Transport
 
-__all__ = ["Publisher", "new_envelope", "to_message"]
+__all__ = ["Publisher", "new_envelope", "publish_traced", "to_message"]
 
 
 def traceparent(trace_id: str) -> str:
@@ -85,6 +85,25 @@ def new_envelope(
         ttl_ms=ttl_ms,
         payload=payload,
     )
+
+
+async def publish_traced(
+    transport: Transport, message: OutgoingMessage, *, trace_id: str, tracing: otel.Tracing | None
+) -> None:
+    """Publish ``message`` and wait for its confirm, inside a PRODUCER span when ``tracing`` is on.
+
+    The span's context replaces the message's plain ``traceparent``, so consumers hang off it; the
+    span ends once the broker confirmed, or with the error if the publish failed."""
+    if tracing is None:
+        await transport.publish(message)
+        return
+    span = tracing.publish(message.headers, message.routing_key, message.message_id, trace_id=trace_id)
+    try:
+        await transport.publish(message)
+    except BaseException as exc:
+        otel.Tracing.end(span, exc)
+        raise
+    otel.Tracing.end(span)
 
 
 class Publisher:
@@ -160,15 +179,4 @@ class Publisher:
 
     async def publish_envelope(self, envelope: Envelope) -> None:
         message = to_message(envelope, self.keyring, self.exchange, expiration_slack_ms=self.settings.clock_skew_ms)
-        tracing = self._tracing
-        if tracing is None:
-            await self.transport.publish(message)
-            return
-        # The PRODUCER span's context replaces the plain traceparent: consumers hang off it.
-        span = tracing.publish(message.headers, message.routing_key, message.message_id, trace_id=envelope.trace_id)
-        try:
-            await self.transport.publish(message)
-        except BaseException as exc:
-            otel.Tracing.end(span, exc)
-            raise
-        otel.Tracing.end(span)
+        await publish_traced(self.transport, message, trace_id=envelope.trace_id, tracing=self._tracing)

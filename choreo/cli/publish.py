@@ -8,7 +8,8 @@ import pydantic
 from .. import codec
 from ..config import Settings
 from ..errors import MalformedMessage, PublishNotConfirmed, TransportError
-from ..publisher import new_envelope, to_message
+from ..observability import tracing
+from ..publisher import new_envelope, publish_traced, to_message
 from ..transport.rabbitmq import RabbitMQTransport
 from ._run import run
 
@@ -55,7 +56,8 @@ def publish(
     """Publish one event of TYPE with the JSON object PAYLOAD; prints its id once confirmed.
 
     The publish is mandatory: if no queue is bound to TYPE the broker returns the message and
-    this exits 1 ("unroutable") instead of printing an id.
+    this exits 1 ("unroutable") instead of printing an id. Traces are exported when the standard
+    OTEL_* variables ask for it (e.g. OTEL_TRACES_EXPORTER=otlp).
 
     Example: choreo publish order.placed '{"order_id": "o-1", ...}'
     """
@@ -83,12 +85,15 @@ def publish(
     )
     # Mandatory: a message no queue receives is returned by the broker instead of dropped.
     message.mandatory = True
+    # A PRODUCER span, as Publisher opens, when the OTEL_* variables turn tracing on.
+    tracing.configure_from_env(service_name=source)
+    traced = tracing.current()
 
     async def send() -> None:
         transport = RabbitMQTransport(settings.amqp_url, connection_name=f"choreo-publisher:{source}")
         await transport.connect()
         try:
-            await transport.publish(message)
+            await publish_traced(transport, message, trace_id=envelope.trace_id, tracing=traced)
         except PublishNotConfirmed as exc:
             if str(exc).startswith("unroutable"):
                 raise Unroutable(

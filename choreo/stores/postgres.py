@@ -6,24 +6,31 @@ Leases use the database clock, so hosts with skewed clocks still agree. With
 ``connection_of(ctx)`` in the same transaction, and the commit makes its writes and the dedup
 mark durable together, after the emitted events were confirmed. A crashed worker's
 connection drops, the transaction rolls back and the lock is gone: another replica takes over.
+:meth:`PostgresDedupStore.close` does the same to transactions still open when it is called
+(the runtime closes the store once its shutdown grace period is over): it drops their
+connections at once, so nothing is marked done and their unacked messages come back.
 The only module that imports asyncpg.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import asyncpg
 
 from ..agent import Context
 from ..errors import ConfigError
+from ..log import get_logger
 from .base import Claim, ClaimResult, LeaseStoreMixin, ensure_pg_schema
 
 __all__ = ["PostgresDedupStore", "connection_of"]
+
+log = get_logger("choreo.stores.postgres")
 
 _IDENT = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
@@ -63,6 +70,7 @@ class PostgresDedupStore(LeaseStoreMixin):
         min_size: int = 1,
         max_size: int = 16,
         lock_timeout_s: float = 30.0,
+        close_timeout_s: float = 1.0,
     ) -> None:
         if _IDENT.fullmatch(table) is None:
             raise ConfigError(f"table name {table!r} must be a plain lowercase SQL identifier")
@@ -71,7 +79,12 @@ class PostgresDedupStore(LeaseStoreMixin):
         self.transactional = transactional
         self._sizes = (min_size, max_size)
         self.lock_timeout_s = lock_timeout_s
+        # How long close() lets the short queries of lease claims finish before it terminates
+        # their connections (asyncpg's Pool.close() would wait for every acquired connection).
+        self.close_timeout_s = close_timeout_s
         self._pool: asyncpg.Pool | None = None
+        # Connections acquired for transactional claims and not yet given back: close() ends them.
+        self._tx_conns: set[Any] = set()
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -101,9 +114,28 @@ class PostgresDedupStore(LeaseStoreMixin):
             )
 
     async def close(self) -> None:
-        if self._pool is not None:
-            await self._pool.close()
-            self._pool = None
+        """Close the pool without waiting for handlers that outlived the shutdown grace period.
+
+        Transactions still open belong to such handlers (or to deliveries still waiting for a
+        row lock): their connections are terminated at once, so PostgreSQL rolls them back,
+        nothing is marked done and the messages, unacked, are redelivered. Other connections
+        get ``close_timeout_s`` to finish their query, then are terminated too.
+        """
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        held, self._tx_conns = self._tx_conns, set()
+        if held:
+            log.warning("closing with transactions still open: rolling them back", table=self.table, count=len(held))
+        for conn in held:
+            # Returns it to the pool, closed; its proxy refuses further use. (A connection that
+            # dropped by itself is back in the pool already, and its proxy says so.)
+            with contextlib.suppress(asyncpg.InterfaceError):
+                conn.terminate()
+        # Pool.close() waits for every acquired connection; cancelled by the timeout, it
+        # terminates the pool (asyncpg's documented behaviour), connections still in use included.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(pool.close(), self.close_timeout_s)
 
     async def claim(self, agent: str, key: str, *, lease_s: float) -> ClaimResult:
         key = stored_key(key)
@@ -163,7 +195,9 @@ class PostgresDedupStore(LeaseStoreMixin):
         key = stored_key(key)
         if not self.transactional:
             return await super().begin(agent, key, lease_s=lease_s)
-        conn = await self.pool.acquire()
+        pool = self.pool
+        conn = await pool.acquire()
+        self._tx_conns.add(conn)
         tx = conn.transaction()
         try:
             await tx.start()
@@ -181,17 +215,30 @@ class PostgresDedupStore(LeaseStoreMixin):
                 f"SELECT done FROM {self.table} WHERE agent = $1 AND key = $2 FOR UPDATE", agent, key
             )
         except asyncpg.LockNotAvailableError:
-            await tx.rollback()
-            await self.pool.release(conn)
-            return _TxClaim.finished(self, "busy")
+            await self._end(pool, conn, tx.rollback)
+            return _TxClaim.finished(self, pool, "busy")
         except BaseException:
-            await tx.rollback()
-            await self.pool.release(conn)
+            await self._end(pool, conn, tx.rollback)
             raise
-        claim = _TxClaim(self, conn, tx=tx, agent=agent, key=key, status="done" if done else "claimed")
+        claim = _TxClaim(self, pool, conn, tx=tx, agent=agent, key=key, status="done" if done else "claimed")
         if done:
             await claim.release()
         return claim
+
+    def _owns(self, conn: Any) -> bool:
+        """Whether ``conn`` is still a live transactional connection (not ended by close())."""
+        return conn in self._tx_conns
+
+    async def _end(self, pool: asyncpg.Pool, conn: Any, finish: Callable[[], Awaitable[None]]) -> None:
+        """Commit or roll back (``finish``) and give ``conn`` back to ``pool``; a connection
+        close() terminated meanwhile is already rolled back and back in the pool."""
+        if not self._owns(conn):
+            return
+        try:
+            await finish()
+        finally:
+            self._tx_conns.discard(conn)
+            await pool.release(conn)
 
 
 class _TxClaim:
@@ -200,6 +247,7 @@ class _TxClaim:
     def __init__(
         self,
         store: PostgresDedupStore,
+        pool: asyncpg.Pool,
         conn: Any,
         *,
         tx: Any,
@@ -208,6 +256,7 @@ class _TxClaim:
         status: ClaimResult,
     ) -> None:
         self._store = store
+        self._pool = pool
         self._conn = conn
         self._tx = tx
         self._agent = agent
@@ -215,8 +264,8 @@ class _TxClaim:
         self._status: ClaimResult = status
 
     @classmethod
-    def finished(cls, store: PostgresDedupStore, status: ClaimResult) -> _TxClaim:
-        return cls(store, None, tx=None, agent="", key="", status=status)
+    def finished(cls, store: PostgresDedupStore, pool: asyncpg.Pool, status: ClaimResult) -> _TxClaim:
+        return cls(store, pool, None, tx=None, agent="", key="", status=status)
 
     @property
     def status(self) -> ClaimResult:
@@ -227,38 +276,39 @@ class _TxClaim:
         conn: object | None = self._conn
         return conn
 
+    def _live(self, conn: Any) -> Any:
+        if not self._store._owns(conn):
+            raise asyncpg.InterfaceError(
+                "the dedup store was closed while this message was handled: its transaction was rolled back"
+            )
+        return conn
+
     @contextlib.asynccontextmanager
     async def attempt(self) -> AsyncIterator[None]:
         if self._conn is None:
             yield
             return
-        async with self._conn.transaction():  # a savepoint inside the open transaction
+        async with self._live(self._conn).transaction():  # a savepoint inside the open transaction
             yield
 
     async def complete(self) -> None:
-        if self._conn is None:
+        conn = self._conn
+        if conn is None:
             return
-        await self._conn.execute(
+        await self._live(conn).execute(
             f"UPDATE {self._store.table} SET done = true, updated_at = now() WHERE agent = $1 AND key = $2",
             self._agent,
             self._key,
         )
-        try:
-            await self._tx.commit()
-        finally:
-            await self._finish()
+        self._conn = None
+        # close() may have ended the transaction while the update was answered: then there
+        # is nothing to commit, and the caller must not ack.
+        await self._store._end(self._pool, self._live(conn), self._tx.commit)
 
     async def extend(self, lease_s: float) -> None:
         return None  # the row lock lasts as long as the transaction: nothing to renew
 
     async def release(self) -> None:
-        if self._conn is None:
-            return
-        try:
-            await self._tx.rollback()
-        finally:
-            await self._finish()
-
-    async def _finish(self) -> None:
         conn, self._conn = self._conn, None
-        await self._store.pool.release(conn)
+        if conn is not None:
+            await self._store._end(self._pool, conn, self._tx.rollback)

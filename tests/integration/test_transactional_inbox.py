@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import secrets
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import asyncpg
 import pytest
@@ -15,7 +17,7 @@ from choreo.errors import PublishNotConfirmed
 from choreo.retry import RetryPolicy
 from choreo.stores.postgres import PostgresDedupStore, connection_of
 from choreo.testing import wait_for
-from choreo.transport import InMemoryBroker, InMemoryTransport, OutgoingMessage
+from choreo.transport import InMemoryBroker, InMemoryTransport, OutgoingMessage, Transport
 
 from ..contract.test_dedup_store_contract import PG_DSN, reachable
 
@@ -158,3 +160,80 @@ async def test_agent_requiring_a_transaction_refuses_other_stores(settings: Sett
     worker = Worker([agent], settings=dataclasses.replace(settings, dedup_url="memory:"), transport=transport)
     with pytest.raises(ConfigError, match="transactional"):
         await worker.start()
+
+
+@pytest.mark.rabbitmq
+async def test_stop_ends_transactions_still_held_after_the_grace_period(
+    db: tuple[asyncpg.Connection, str], settings: Settings, rabbit_factory: Callable[[], Awaitable[Transport]]
+) -> None:
+    """A handler outliving the grace period must not hold stop() up: its transaction is ended
+    (rolled back: nothing done, its writes gone) and its message, never acked, comes back."""
+    conn, suffix = db
+    ledger = f"ledger_{suffix}"
+    agent: Agent[None] = Agent("slow-ledger", transactional=True, retry=RetryPolicy(attempts=1))
+    started = asyncio.Event()
+    finish = asyncio.Event()  # lets the handler end early once the test has seen what it needs
+
+    @agent.on(Deposit)
+    async def deposit(event: Deposit, ctx: Context[None]) -> Receipt:
+        await connection_of(ctx).execute(f"INSERT INTO {ledger} (account, cents) VALUES ($1, $2)", "acc", event.cents)
+        started.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(finish.wait(), 10)  # a 10 s handler
+        return Receipt(account=event.account)
+
+    transport = await rabbit_factory()
+    worker = Worker([agent], settings=dataclasses.replace(settings, shutdown_grace_s=0.5), transport=transport)
+    runtime = worker.runtimes[0]
+    runtime.dedup = PostgresDedupStore(PG_DSN, table=f"dedup_{suffix}", transactional=True)
+    await worker.start()
+    try:
+        async with Publisher(transport=transport, settings=settings, source="t") as publisher:
+            await publisher.publish(Deposit(account="acc", cents=5))
+        await asyncio.wait_for(started.wait(), 10)
+        began = time.monotonic()
+        finished = await asyncio.wait_for(worker.stop(), 30)
+        elapsed = time.monotonic() - began
+        await transport.close()  # as a worker process would on its way out
+    finally:
+        finish.set()
+    assert not finished  # the handler was still running at the deadline
+    assert elapsed < 5, f"stop() took {elapsed:.1f}s with a 0.5 s grace period"
+    await wait_for(lambda: runtime.in_flight == 0, within=10, what="the abandoned handler to end")
+    assert await conn.fetchval(f"SELECT count(*) FROM dedup_{suffix} WHERE done") == 0
+    assert await conn.fetchval(f"SELECT count(*) FROM {ledger}") == 0  # its write was rolled back
+    admin = await rabbit_factory()
+    await wait_for(
+        lambda: admin.queue_depth(runtime.queues.main), within=10, what="the unacked message back in its queue"
+    )
+    assert await admin.queue_depth(runtime.queues.main) == 1
+
+
+async def test_close_ends_open_transactions_and_does_not_wait_for_busy_connections(
+    db: tuple[asyncpg.Connection, str],
+) -> None:
+    conn, suffix = db
+    store = PostgresDedupStore(PG_DSN, table=f"dedup_{suffix}", transactional=True, close_timeout_s=0.2)
+    await store.open()
+    finishing = await store.begin("a", "k1", lease_s=30)
+    dropping = await store.begin("a", "k2", lease_s=30)
+    busy = await store.pool.acquire()  # a connection in use outside any claim
+    began = time.monotonic()
+    await asyncio.wait_for(store.close(), 10)
+    assert time.monotonic() - began < 5  # it used to wait for all three for ever
+    with pytest.raises(asyncpg.InterfaceError, match="closed"):
+        await finishing.complete()  # too late: rolled back, never marked done
+    await dropping.release()  # already rolled back: nothing left to do
+    with pytest.raises(asyncpg.InterfaceError):
+        await busy.fetchval("SELECT 1")  # terminated with the pool
+    assert await conn.fetchval(f"SELECT count(*) FROM dedup_{suffix} WHERE done") == 0
+    # The row locks went with the transactions: another replica claims both keys at once.
+    other = PostgresDedupStore(PG_DSN, table=f"dedup_{suffix}", transactional=True, lock_timeout_s=1)
+    await other.open()
+    try:
+        for key in ("k1", "k2"):
+            claim = await other.begin("a", key, lease_s=30)
+            assert claim.status == "claimed"
+            await claim.release()
+    finally:
+        await other.close()
