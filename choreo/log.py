@@ -23,6 +23,7 @@ finally:
 
 __all__ = [
     "configure",
+    "debug_enabled",
     "get_logger",
     "level_from_env",
     "merge_message_fields",
@@ -84,6 +85,19 @@ def level_from_env(default: int = logging.INFO) -> int:
     name = os.environ.get("CHOREO_LOG_LEVEL", "").strip().upper()
     level = logging.getLevelName(name) if name else default
     return level if isinstance(level, int) else default
+
+
+def debug_enabled(logger: Any) -> bool:
+    """Whether ``logger`` writes debug lines now; True when it cannot tell (a logger that does
+    not filter by level). Read once, so the message path can skip building a debug call (a
+    lazy structlog logger binds a fresh logger on every call, even one filtered out)."""
+    check = getattr(logger, "is_enabled_for", None)
+    if check is None:
+        return True
+    try:
+        return bool(check(logging.DEBUG))
+    except Exception:  # a wrapper with another signature: log as asked
+        return True
 
 
 def get_logger(name: str) -> Any:

@@ -42,7 +42,7 @@ from .errors import (
 )
 from .events import Event
 from .ids import derived_id
-from .log import get_logger, message_fields, reset_message_fields
+from .log import debug_enabled, get_logger, message_fields, reset_message_fields
 from .observability import tracing as otel
 from .observability.heartbeat import LatencyWindow
 from .observability.metrics import AgentMetrics, Metrics
@@ -193,6 +193,7 @@ class AgentRuntime(Generic[S]):
         self.metrics.track_in_flight(lambda: self._in_flight)
         self.latency = LatencyWindow()
         self._tracing: otel.Tracing | None = None  # read at start: None means tracing is off
+        self._debug = True  # read at start: whether the per-message debug lines are written
 
     @property
     def topology(self) -> Topology:
@@ -208,6 +209,7 @@ class AgentRuntime(Generic[S]):
     async def start(self) -> None:
         """Open state and dedup store, declare topology, then start consuming."""
         self._tracing = otel.current()
+        self._debug = debug_enabled(log)
         if self.agent.state_factory is not None:
             self.settings.state_dir.mkdir(parents=True, exist_ok=True)
             self.state = self.agent.state_factory(AgentEnv(self.agent.name, self.settings.state_dir))
@@ -409,7 +411,8 @@ class AgentRuntime(Generic[S]):
         if claim is None:
             self.stats.duplicates += 1
             self.metrics.count_duplicate(envelope.type)
-            log.debug("duplicate suppressed")
+            if self._debug:
+                log.debug("duplicate suppressed")
             await self._settle(delivery)
             return "duplicate"
         self._held[key] = claim
@@ -494,12 +497,14 @@ class AgentRuntime(Generic[S]):
                 claim=claim,
                 attempts=prior + failure.tries,
             )
-        self.stats.retried_in_process += tries - 1
-        metrics.count_retried(event_type, tries - 1)
+        if tries > 1:
+            self.stats.retried_in_process += tries - 1
+            metrics.count_retried(event_type, tries - 1)
         if await self._publish_then_ack(delivery, claim, messages, envelope.trace_id):
             self.stats.handled += 1
             metrics.count_handled(event_type)
-            log.debug("handled", emitted=len(messages), tries=tries)
+            if self._debug:
+                log.debug("handled", emitted=len(messages), tries=tries)
             return "handled"
         return "requeued"
 
@@ -584,6 +589,8 @@ class AgentRuntime(Generic[S]):
 
     def _emitted_messages(self, parent: Envelope, result: object) -> list[OutgoingMessage]:
         events = emitted_events(result)
+        if not events:  # the common case of a handler that only acts: no clock, no counter
+            return []
         now = datetime.now(UTC)
         ordinals: collections.Counter[str] = collections.Counter()
         messages = []
@@ -617,7 +624,10 @@ class AgentRuntime(Generic[S]):
         """Handler runs before this delivery: counted in our header, plus the redeliveries the
         quorum queue counted (``x-delivery-count``) after crashes or lost connections."""
         headers = delivery.headers
-        return _int_header(headers.get(ATTEMPTS)) + _int_header(headers.get("x-delivery-count"))
+        ours, broker = headers.get(ATTEMPTS), headers.get("x-delivery-count")
+        if ours is None and broker is None:  # a first delivery, the common case
+            return 0
+        return _int_header(ours) + _int_header(broker)
 
     async def _move(self, delivery: Delivery, queue: str, extra: dict[str, HeaderValue]) -> bool:
         """Publish the message, body and signature untouched, to ``queue`` with ``extra`` headers,

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 from .. import codec
 from ..log import get_logger
-from .base import ClaimResult, LeaseStoreMixin
+from .base import Claim, ClaimResult, LeaseClaim, LeaseStoreMixin
 
 __all__ = ["Connection", "SQLiteDedupStore", "connect"]
 
@@ -452,6 +452,10 @@ class SQLiteDedupStore(LeaseStoreMixin):
             shared.txn.flush()
             shared.db.close()  # stops its checkpointer thread too
             _SHARED.pop(str(self.path.resolve()), None)
+
+    async def begin(self, agent: str, key: str, *, lease_s: float) -> Claim:
+        # LeaseStoreMixin.begin without its extra coroutine: one frame fewer to resume per message.
+        return LeaseClaim(self, agent, key, await self._open_shared().txn.claim(agent, key, lease_s))
 
     async def claim(self, agent: str, key: str, *, lease_s: float) -> ClaimResult:
         return await self._open_shared().txn.claim(agent, key, lease_s)  # a handler runs only on a committed claim

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -17,7 +18,7 @@ from opentelemetry.trace import SpanKind
 
 import choreo
 from agents.saga import SagaRun, plan_orders
-from choreo.log import merge_message_fields
+from choreo.log import debug_enabled, merge_message_fields
 from choreo.observability import tracing
 from choreo.observability.heartbeat import LatencyWindow, collect, control_exchange
 from choreo.observability.metrics import METRIC_NAMES, Metrics
@@ -170,6 +171,51 @@ async def test_message_logs_carry_event_fields(
     assert {e["event"] for e in about} == {"handler says hi", "handler failed", "dead-lettered"}
     for entry in about:  # the framework's lines and the handler's own
         assert {k: entry.get(k) for k in expected} == expected, entry
+
+
+def test_debug_enabled_reads_the_configured_level() -> None:
+    saved = structlog.get_config()
+    try:
+        choreo.log.configure(json=True, level=logging.INFO)
+        assert debug_enabled(choreo.log.get_logger("t")) is False
+        choreo.log.configure(json=True, level=logging.DEBUG)
+        assert debug_enabled(choreo.log.get_logger("t")) is True
+    finally:
+        structlog.configure(**saved)
+
+    class Odd:
+        def is_enabled_for(self) -> bool:  # another signature: cannot tell
+            return False
+
+    assert debug_enabled(object()) is True  # a logger that does not filter by level
+    assert debug_enabled(Odd()) is True
+
+
+@pytest.mark.parametrize("level", [logging.DEBUG, logging.INFO])
+async def test_per_message_debug_lines_follow_the_level_read_at_start(
+    settings: choreo.Settings, level: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    saved = structlog.get_config()
+    choreo.log.configure(json=True, level=level)
+    # A module's logger keeps the configuration of its first use (cache_logger_on_first_use):
+    # a fresh one sees this test's level.
+    monkeypatch.setattr("choreo.runtime.log", structlog.get_logger("choreo.runtime"))
+    transport = InMemoryBroker().transport()
+    await transport.connect()
+    worker = choreo.Worker([ping_agent()], settings=settings, transport=transport)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            await worker.start()
+            first = await publish(transport, settings, 1)
+            await transport.publish(to_message(first, settings.keyring, settings.naming.exchange))  # duplicate
+            runtime = worker.runtimes[0]
+            await wait_for(lambda: runtime.stats.handled + runtime.stats.duplicates == 2, within=5, what="both")
+            await worker.stop()
+    finally:
+        structlog.configure(**saved)
+        await transport.close()
+    lines = {e["event"] for e in logs if e["log_level"] == "debug"}
+    assert lines == ({"handled", "duplicate suppressed"} if level == logging.DEBUG else set())
 
 
 async def test_heartbeats_list_live_agents(

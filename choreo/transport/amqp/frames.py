@@ -228,7 +228,19 @@ def decode_table(buf: bytes | bytearray, off: int, depth: int = 0) -> tuple[dict
     while off < end:
         k = buf[off]
         key = buf[off + 1 : off + 1 + k].decode()
-        table[key], off = _decode_value(buf, off + 1 + k, depth)
+        off += 1 + k
+        if buf[off] == 83:  # S, the type of nearly every header: decoded here, not in a call
+            (n,) = U32.unpack_from(buf, off + 1)
+            start = off + 5
+            off = start + n
+            if off > end:
+                raise FrameError("long string runs past its table")
+            try:
+                table[key] = buf[start:off].decode()
+            except UnicodeDecodeError:  # bytes when it is not UTF-8 text, as pamqp does
+                table[key] = bytes(buf[start:off])
+        else:
+            table[key], off = _decode_value(buf, off, depth)
     if off != end:
         raise FrameError("field table runs past its length")
     return table, off
@@ -298,17 +310,22 @@ def _shortstr(buf: bytes | bytearray, off: int) -> tuple[str, int]:
     return buf[off + 1 : off + 1 + n].decode(), off + 1 + n
 
 
-def decode_properties(buf: bytes | bytearray, off: int) -> Properties:
+def decode_properties(buf: bytes | bytearray, off: int) -> Properties:  # noqa: PLR0915 - unrolled on purpose
     """The properties of a content header whose property flags start at ``off``."""
+    # Short strings are decoded inline (no call per property): this runs once per delivery.
     (flags,) = U16.unpack_from(buf, off)
     off += 2
     if flags & 1:
         raise FrameError("continued property flags: the basic class has no such properties")
     props = Properties()
     if flags & 0x8000:
-        props.content_type, off = _shortstr(buf, off)
+        end = off + 1 + buf[off]
+        props.content_type = buf[off + 1 : end].decode()
+        off = end
     if flags & 0x4000:
-        props.content_encoding, off = _shortstr(buf, off)
+        end = off + 1 + buf[off]
+        props.content_encoding = buf[off + 1 : end].decode()
+        off = end
     if flags & 0x2000:
         props.headers, off = decode_table(buf, off)
     if flags & 0x1000:
@@ -318,24 +335,39 @@ def decode_properties(buf: bytes | bytearray, off: int) -> Properties:
         props.priority = buf[off]
         off += 1
     if flags & 0x0400:
-        props.correlation_id, off = _shortstr(buf, off)
+        end = off + 1 + buf[off]
+        props.correlation_id = buf[off + 1 : end].decode()
+        off = end
     if flags & 0x0200:
-        props.reply_to, off = _shortstr(buf, off)
+        end = off + 1 + buf[off]
+        props.reply_to = buf[off + 1 : end].decode()
+        off = end
     if flags & 0x0100:
-        props.expiration, off = _shortstr(buf, off)
+        end = off + 1 + buf[off]
+        props.expiration = buf[off + 1 : end].decode()
+        off = end
     if flags & 0x0080:
-        props.message_id, off = _shortstr(buf, off)
+        end = off + 1 + buf[off]
+        props.message_id = buf[off + 1 : end].decode()
+        off = end
     if flags & 0x0040:
         (props.timestamp,) = U64.unpack_from(buf, off)
         off += 8
     if flags & 0x0020:
-        props.type, off = _shortstr(buf, off)
+        end = off + 1 + buf[off]
+        props.type = buf[off + 1 : end].decode()
+        off = end
     if flags & 0x0010:
-        props.user_id, off = _shortstr(buf, off)
+        end = off + 1 + buf[off]
+        props.user_id = buf[off + 1 : end].decode()
+        off = end
     if flags & 0x0008:
-        props.app_id, off = _shortstr(buf, off)
+        end = off + 1 + buf[off]
+        props.app_id = buf[off + 1 : end].decode()
+        off = end
     if flags & 0x0004:
-        props.cluster_id, off = _shortstr(buf, off)
+        end = off + 1 + buf[off]
+        props.cluster_id = buf[off + 1 : end].decode()
     return props
 
 
