@@ -385,6 +385,7 @@ class Throughput:
     cpu_us: list[float] = field(default_factory=list)  # whole process / messages (publish + consume)
     net_cpu_us: list[float] = field(default_factory=list)  # the same without the process's start-up
     phase_cpu_us: list[tuple[float, float]] = field(default_factory=list)  # choreo: (publish, consume)
+    rounds: list[int] = field(default_factory=list)  # the round of each figure above (a failed round has none)
     publish_api: str = ""
     errors: list[str] = field(default_factory=list)
 
@@ -642,6 +643,7 @@ def throughput_once(run: Run, client: str, rep: int) -> str:
         phases = (data["publish_cpu_s"] / n * 1e6, data["consume_cpu_s"] / n * 1e6)
         result.phase_cpu_us.append(phases)
         extra = f"; in-process publish {phases[0]:.0f} + consume {phases[1]:.0f} ({result.publish_api})"
+    result.rounds.append(rep)
     result.publish.append(publish)
     result.consume.append(consume)
     result.cpu_us.append(proc.cpu_s / n * 1e6)
@@ -1190,19 +1192,57 @@ def stage_rows(run: Run) -> list[list[str]]:
     return rows
 
 
-def ratio_line(run: Run) -> str:
-    def rates(client: str, kind: str) -> float:
-        t = run.throughput.get(client)
-        return med(getattr(t, kind)) if t else math.nan
+def paired_ratios(mine: Throughput | None, other: Throughput | None, kind: str) -> list[float]:
+    """``mine / other`` of ``kind`` in each round both completed, in round order. Pairs are
+    measured seconds apart, where the medians of two clients may come from different rounds,
+    minutes apart: this host's speed drifts by a fifth between rounds (every client together)."""
+    if mine is None or other is None:
+        return []
+    theirs = dict(zip(other.rounds, getattr(other, kind), strict=True))
+    return [
+        value / theirs[r]
+        for r, value in zip(mine.rounds, getattr(mine, kind), strict=True)
+        if theirs.get(r) and not math.isnan(value)
+    ]
 
+
+def paired_text(values: Sequence[float], unit: str = "x") -> str:
+    """The median of per-round ratios, e.g. ``3.16x``; "n/a" without a pair."""
+    return f"{med(values):.2f}{unit}" if values else "n/a"
+
+
+def paired_rows(run: Run) -> list[list[str]]:
+    """One row per (figure, other client): the median, then each round's ratio ("-" where one of
+    the two has no figure for that round)."""
+    choreo = run.throughput.get("choreo")
+    if choreo is None:
+        return []
+    rows = []
+    for kind, label in (("consume", "consume"), ("publish", "publish"), ("cpu_us", "CPU µs/msg")):
+        for other in ("raw", "tuned", "faststream", "node"):
+            theirs = run.throughput.get(other)
+            if theirs is None or not getattr(theirs, kind):
+                continue
+            mine_by = dict(zip(choreo.rounds, getattr(choreo, kind), strict=True))
+            theirs_by = dict(zip(theirs.rounds, getattr(theirs, kind), strict=True))
+            cells = [
+                f"{mine_by[r] / theirs_by[r]:.2f}" if r in mine_by and theirs_by.get(r) else "-"
+                for r in range(run.opts.repeat)
+            ]
+            rows.append([f"{label}: choreo / {other}", paired_text(paired_ratios(choreo, theirs, kind)), *cells])
+    return rows
+
+
+def ratio_line(run: Run) -> str:
     parts = []
+    choreo = run.throughput.get("choreo")
     for kind in ("consume", "publish"):
-        mine = rates("choreo", kind)
-        cells = [f"choreo/{c}={ratio(mine, rates(c, kind))}" for c in ("raw", "tuned", "faststream", "node")]
+        cells = [
+            f"choreo/{c}={paired_text(paired_ratios(choreo, run.throughput.get(c), kind))}"
+            for c in ("raw", "tuned", "faststream", "node")
+        ]
         parts.append(f"{kind} " + " ".join(cells))
-    choreo_cpu = med(run.throughput["choreo"].cpu_us) if "choreo" in run.throughput else math.nan
-    raw_cpu = med(run.throughput["raw"].cpu_us) if "raw" in run.throughput else math.nan
-    parts.append(f"cpu/msg choreo/raw={ratio(choreo_cpu, raw_cpu)}")
+    parts.append(f"cpu/msg choreo/raw={paired_text(paired_ratios(choreo, run.throughput.get('raw'), 'cpu_us'))}")
     hops = []
     for s in run.sagas:
         c, r = s.get("choreo"), s.get("raw")
@@ -1362,7 +1402,11 @@ def write_report(run: Run, path: Path, info: dict[str, str], ratios: str) -> Non
         f"- Broker `{o.url.split('@')[-1]}` on the same host; quorum queues; prefetch 256; persistent messages; "
         "publisher confirms with 500 in flight (windows of 500, as `raw_aiopika.py`).",
         f"- Throughput: N = {o.n:,} messages per client, each client run {o.repeat} time(s) in turn "
-        "(round robin, never two at once); median, with the range when repeated.",
+        "(round robin, never two at once, every other round in reverse order); median, with the range when "
+        "repeated. The ratio line's throughput and CPU ratios are the median of the per-round ratios "
+        "(choreo / other within one round, seconds apart; listed under Ratios), not a ratio of the two "
+        "medians, which may come from rounds minutes apart: this host's speed drifts by up to a fifth "
+        "between rounds, every client together.",
         "- Message: the baselines' order (`order_id`, five `items`, `total_cents`, `currency`). choreo wraps it in "
         "its signed envelope (HMAC-SHA256, three headers) and validates it into a pydantic event.",
         "- choreo consume: a real `choreo.Agent` with one handler that returns nothing, run by `choreo.Worker`: "
@@ -1482,6 +1526,14 @@ def write_report(run: Run, path: Path, info: dict[str, str], ratios: str) -> Non
         "```",
         "",
     ]
+    by_round = paired_rows(run)
+    if by_round:
+        lines += [
+            "Throughput and CPU ratios round by round (the line above takes the median of each row):",
+            "",
+            md_table(["choreo / other", "median", *(f"round {r + 1}" for r in range(o.repeat))], by_round),
+            "",
+        ]
     notes = [*run.notes, *(f"{c} skipped: {why}" for c, why in run.skipped.items())]
     notes += [f"failed: {f}" for f in run.failed]
     if run.leftover:
@@ -1640,7 +1692,7 @@ def saga_plan(opts: Options) -> list[tuple[str, str, int, int]]:
     """The saga steps as (step, client, rate index, round). Rounds are outermost and choreo and
     raw alternate within each, so a slow spell of the machine lands on both sides rather than on
     one rate or one client. The raw-beside runs (one per rate) come after every round."""
-    plan = [
+    plan: list[tuple[str, str, int, int]] = [
         ("saga", c, i, rnd)
         for rnd in range(opts.saga_rounds)
         for i in range(len(opts.saga_rates))
@@ -1652,6 +1704,17 @@ def saga_plan(opts: Options) -> list[tuple[str, str, int, int]]:
     return plan
 
 
+def throughput_plan(clients: Sequence[str], repeat: int) -> list[tuple[str, str, int, int]]:
+    """Every client once per round, never two at once; odd rounds in reverse order, so a client
+    is not always the one run first (or right after the same neighbour) while the host's speed
+    drifts."""
+    plan: list[tuple[str, str, int, int]] = []
+    for r in range(repeat):
+        order = list(clients) if r % 2 == 0 else list(reversed(clients))
+        plan += [("throughput", c, r, 0) for c in order]
+    return plan
+
+
 def execute(run: Run, meter: LoadMeter) -> None:
     opts = run.opts
     # (step, client, index, round): index is the throughput round, or the saga rate's position
@@ -1659,7 +1722,7 @@ def execute(run: Run, meter: LoadMeter) -> None:
     if "throughput" in opts.steps:
         say("preparing clients")
         clients = prepare_clients(run)
-        plan += [("throughput", c, r, 0) for r in range(opts.repeat) for c in clients]
+        plan += throughput_plan(clients, opts.repeat)
     if "saga" in opts.steps:
         plan += saga_plan(opts)
     if "memory" in opts.steps and "choreo" in opts.clients:

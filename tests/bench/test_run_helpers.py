@@ -79,3 +79,54 @@ def test_every_rounds_p99_is_shown_in_run_order_and_nothing_for_one_round() -> N
     raws = [{"p99": 11.333}, {"p99": 4.1}, {"p99": 8.0}]
     assert run.by_round(raws, run.raw_p99, "{:.2f}") == " (11.33, 4.10, 8.00)"
     assert run.by_round(raws[:1], run.raw_p99, "{:.2f}") == ""
+
+
+def test_throughput_rounds_alternate_their_order() -> None:
+    assert run.throughput_plan(["choreo", "raw", "faststream"], 3) == [
+        ("throughput", "choreo", 0, 0),
+        ("throughput", "raw", 0, 0),
+        ("throughput", "faststream", 0, 0),
+        ("throughput", "faststream", 1, 0),
+        ("throughput", "raw", 1, 0),
+        ("throughput", "choreo", 1, 0),
+        ("throughput", "choreo", 2, 0),
+        ("throughput", "raw", 2, 0),
+        ("throughput", "faststream", 2, 0),
+    ]
+
+
+def throughput(client: str, rounds: list[int], consume: list[float]) -> run.Throughput:
+    return run.Throughput(
+        client, publish=[1.0] * len(rounds), consume=consume, cpu_us=[1.0] * len(rounds), rounds=rounds
+    )
+
+
+def test_ratios_pair_figures_of_the_same_round_and_take_their_median() -> None:
+    # The host slows down in round 2 for both: the medians (12,000 / 3,900 = 3.08) mix rounds,
+    # the same-round ratios are 3.33, 3.25 and 3.20.
+    choreo = throughput("choreo", [0, 1, 2], [14_000.0, 10_400.0, 12_000.0])
+    faststream = throughput("faststream", [0, 1, 2], [4_200.0, 3_200.0, 3_750.0])
+    assert run.paired_ratios(choreo, faststream, "consume") == pytest.approx([14 / 4.2, 10.4 / 3.2, 12 / 3.75])
+    assert run.paired_text(run.paired_ratios(choreo, faststream, "consume")) == "3.25x"
+    # A round one side lost (failed) pairs with nothing; no pair at all is "n/a".
+    lost = throughput("faststream", [0, 2], [4_200.0, 3_750.0])
+    assert run.paired_ratios(choreo, lost, "consume") == pytest.approx([14 / 4.2, 12 / 3.75])
+    assert run.paired_text(run.paired_ratios(choreo, None, "consume")) == "n/a"
+    assert run.paired_text(run.paired_ratios(choreo, throughput("raw", [], []), "consume")) == "n/a"
+
+
+def test_the_report_lists_every_rounds_ratio() -> None:
+    opts = run.parse(["--repeat", "3", "--no-write", "--only", "choreo,faststream"])
+    r = run.Run.__new__(run.Run)  # only what paired_rows reads
+    r.opts = opts
+    r.throughput = {
+        "choreo": throughput("choreo", [0, 1, 2], [14_000.0, 10_400.0, 12_000.0]),
+        "faststream": throughput("faststream", [0, 2], [4_200.0, 3_750.0]),
+    }
+    rows = run.paired_rows(r)
+    assert rows[0] == ["consume: choreo / faststream", "3.27x", "3.33", "-", "3.20"]
+    assert [row[0] for row in rows] == [
+        "consume: choreo / faststream",
+        "publish: choreo / faststream",
+        "CPU µs/msg: choreo / faststream",
+    ]
