@@ -123,6 +123,7 @@ class AgentStats:
         return sum(self.dead_lettered.values())
 
 
+_ABANDON_WAIT_S = 1.0  # how long stop() lets cancelled handlers unwind before closing the stores
 _MAX_COUNT = 2**31 - 1  # counts from headers are clamped: anyone can send any number
 
 
@@ -177,6 +178,7 @@ class AgentRuntime(Generic[S]):
         self.state: S | None = None
         self._sub: Subscription | None = None
         self._in_flight = 0
+        self._handling: set[asyncio.Task[Any]] = set()  # the deliveries' tasks, cancelled if stop() gives up
         self._idle = asyncio.Event()
         self._idle.set()
         # Deliveries waiting for another delivery of the same key in this process to finish.
@@ -247,10 +249,24 @@ class AgentRuntime(Generic[S]):
         except TimeoutError:
             finished = False
             log.warning("shutdown grace period over", agent=self.agent.name, in_flight=self._in_flight)
+            await self._abandon_in_flight()
         await self._close_resources()
         self._report_settle_failures()  # before the last line: nothing of this agent logs after it
         log.info("agent stopped", agent=self.agent.name, **self._stats_fields())
         return finished
+
+    async def _abandon_in_flight(self) -> None:
+        """Cancel the handling still running, so that none of it settles its delivery: left
+        unacked, each comes back from the broker. Without this, a handler cut off from its
+        store (closed next) would fail, and its failure would be handled as the message's own
+        (a retry, a dead-letter, a compensation). The cancelled tasks unwind before the stores
+        close, so their claims are released (transactions rolled back); a handler that
+        swallows the cancel is not waited for beyond ``_ABANDON_WAIT_S``."""
+        tasks = [task for task in self._handling if not task.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=_ABANDON_WAIT_S)
 
     async def _close_resources(self) -> None:
         for task in (self._cleanup_task, self._renew_task):
@@ -299,6 +315,9 @@ class AgentRuntime(Generic[S]):
     async def _on_delivery(self, delivery: Delivery) -> None:
         self._in_flight += 1
         self._idle.clear()
+        task = asyncio.current_task()
+        if task is not None:
+            self._handling.add(task)
         try:
             await self._process(delivery)
         except Exception as exc:  # the pipeline settles every outcome; this is the last guard
@@ -312,6 +331,8 @@ class AgentRuntime(Generic[S]):
                 with contextlib.suppress(Exception):
                     await delivery.nack(requeue=True)
         finally:
+            if task is not None:
+                self._handling.discard(task)
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()

@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 
 from choreo import Agent, ConfigError, Context, Event, Publisher, Settings, Worker
+from choreo.agent import Failure
 from choreo.errors import PublishNotConfirmed
 from choreo.retry import RetryPolicy
 from choreo.stores.postgres import PostgresDedupStore, connection_of
@@ -203,6 +204,83 @@ async def test_stop_ends_transactions_still_held_after_the_grace_period(
     assert await conn.fetchval(f"SELECT count(*) FROM dedup_{suffix} WHERE done") == 0
     assert await conn.fetchval(f"SELECT count(*) FROM {ledger}") == 0  # its write was rolled back
     admin = await rabbit_factory()
+    await wait_for(
+        lambda: admin.queue_depth(runtime.queues.main), within=10, what="the unacked message back in its queue"
+    )
+    assert await admin.queue_depth(runtime.queues.main) == 1
+
+
+class DepositFailed(Event, type="account.deposit_failed"):
+    account: str
+
+
+@pytest.mark.parametrize("policy", ["last-try-with-compensation", "default"])
+async def test_a_handler_abandoned_at_stop_settles_nothing(
+    db: tuple[asyncpg.Connection, str],
+    settings: Settings,
+    rabbit_factory: Callable[[], Awaitable[Transport]],
+    policy: str,
+) -> None:
+    """Once the grace period is over, a handler still running is cancelled before the store
+    closes: it neither fails into a retry, a dead-letter or a compensation (as it did when the
+    closed store made its next query fail), nor emits. Its message stays unacked and comes back
+    when the connection goes, even on a transport the application shares with the worker."""
+    conn, suffix = db
+    ledger = f"ledger_{suffix}"
+    retry = RetryPolicy(attempts=1, delayed=0) if policy != "default" else RetryPolicy()
+    agent: Agent[None] = Agent("slow-ledger", transactional=True, retry=retry)
+    started, go = asyncio.Event(), asyncio.Event()
+
+    def failed(event: Deposit, failure: Failure) -> DepositFailed:
+        return DepositFailed(account=event.account)
+
+    async def deposit(event: Deposit, ctx: Context[None]) -> Receipt:
+        db_conn = connection_of(ctx)
+        await db_conn.execute(f"INSERT INTO {ledger} (account, cents) VALUES ($1, $2)", "acc", event.cents)
+        started.set()
+        await go.wait()  # still working when the grace period ends
+        await db_conn.execute(f"INSERT INTO {ledger} (account, cents) VALUES ($1, $2)", "acc", -event.cents)
+        return Receipt(account=event.account)
+
+    agent.on(Deposit, on_failure=failed if policy != "default" else None)(deposit)
+    listener: Agent[None] = Agent("listener")
+    heard: list[str] = []
+
+    @listener.on(DepositFailed, Receipt)
+    async def hear(event: Event, ctx: Context[None]) -> None:
+        heard.append(event.event_type())
+
+    listening = Worker([listener], settings=settings, transport=await rabbit_factory())
+    await listening.start()
+    transport = await rabbit_factory()  # the application's: the worker does not close it
+    worker = Worker([agent], settings=dataclasses.replace(settings, shutdown_grace_s=0.5), transport=transport)
+    runtime = worker.runtimes[0]
+    runtime.dedup = PostgresDedupStore(PG_DSN, table=f"dedup_{suffix}", transactional=True)
+    await worker.start()
+    try:
+        async with Publisher(transport=transport, settings=settings, source="t") as publisher:
+            await publisher.publish(Deposit(account="acc", cents=5))
+        await asyncio.wait_for(started.wait(), 10)
+        assert not await asyncio.wait_for(worker.stop(), 30)
+    finally:
+        go.set()  # had it not been cancelled, the handler would go on against a closed store
+    await wait_for(lambda: runtime.in_flight == 0, within=10, what="the abandoned handler to end")
+    # Anything emitted would reach the listener well within this; what it would have heard
+    # (the failure event, say) is what the old code published.
+    with contextlib.suppress(TimeoutError):
+        await wait_for(lambda: bool(heard), within=1.0, what="an emitted event")
+    await listening.stop()
+    assert heard == []
+    stats = runtime.stats
+    assert (stats.emitted, stats.compensated, stats.retried_delayed, stats.dead_lettered_total) == (0, 0, 0, 0)
+    assert await conn.fetchval(f"SELECT count(*) FROM dedup_{suffix} WHERE done") == 0
+    assert await conn.fetchval(f"SELECT count(*) FROM {ledger}") == 0
+    admin = await rabbit_factory()
+    assert await admin.queue_depth(runtime.queues.dlq) == 0
+    for queue in runtime.topology.queues:
+        if ".retry" in queue.name:
+            assert await admin.queue_depth(queue.name) == 0, queue.name
+    await transport.close()  # the application shuts down: its unacked delivery returns
     await wait_for(
         lambda: admin.queue_depth(runtime.queues.main), within=10, what="the unacked message back in its queue"
     )
