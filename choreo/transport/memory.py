@@ -345,14 +345,18 @@ class InMemoryBroker:
 
     def close_connection(self, connection: InMemoryTransport) -> None:
         """Return every unsettled delivery of ``connection`` to its queue, as the broker does."""
-        for queue in list(self.queues.values()):
-            for consumer in [c for c in queue.consumers if c.connection is connection]:
+        consumers, connection._consumers = connection._consumers, []
+        for consumer in consumers:
+            queue = consumer.queue
+            if consumer in queue.consumers:
                 queue.consumers.remove(consumer)
-                consumer.active = False
-                for delivery in list(consumer.in_flight):
-                    delivery.settled = True
+            consumer.active = False
+            alive = self.queues.get(queue.name) is queue  # a deleted queue's messages went with it
+            for delivery in list(consumer.in_flight):
+                delivery.settled = True
+                if alive:
                     self._return(queue, delivery._msg, requeue=True)
-                consumer.in_flight.clear()
+            consumer.in_flight.clear()
         for delivery in list(connection._gets):
             if not delivery.settled:
                 delivery.settled = True
@@ -395,6 +399,9 @@ class InMemoryTransport(Transport):
         self.broker = broker or InMemoryBroker()
         self._connected = False
         self._gets: set[_Delivery] = set()
+        # Every consumer opened on this connection, cancelled ones included: a cancel stops new
+        # deliveries, and those already handed out stay unacked until the connection goes.
+        self._consumers: list[_Consumer] = []
 
     @property
     def connected(self) -> bool:
@@ -429,6 +436,7 @@ class InMemoryTransport(Transport):
         target = self.broker._queue(queue)
         consumer = _Consumer(target, handler, max(1, prefetch), self)
         target.consumers.append(consumer)
+        self._consumers.append(consumer)
         self.broker._pump(target)
         return _MemorySubscription(self.broker, consumer)
 

@@ -300,6 +300,31 @@ async def test_closing_a_connection_returns_its_unacked_deliveries(
     assert all(d.redelivered for d in collector.deliveries)
 
 
+async def test_deliveries_unacked_when_their_subscription_was_cancelled_return_when_the_connection_closes(
+    transport_factory: TransportFactory, naming: Naming
+) -> None:
+    """A cancelled consumer's deliveries stay unacked (a stopping worker may still settle
+    them); those it never settles come back with the connection, as RabbitMQ does."""
+    first = await transport_factory()
+    queue = plain_queue(naming, "cancelreturn", "a.b")
+    await first.declare(Topology(naming.exchange, (queue,)))
+    for i in range(2):
+        await first.publish(message(naming, "a.b", f"m{i}".encode()))
+    hoarder = Collector(ack=False)
+    subscription = await first.subscribe(queue.name, hoarder, prefetch=10)
+    await wait_for(lambda: len(hoarder.deliveries) == 2, what="two unacked deliveries")
+    await subscription.cancel()
+    await hoarder.deliveries[0].ack()  # still valid after the cancel
+    await first.close()
+
+    second = await transport_factory()
+    collector = Collector(ack=True)
+    await second.subscribe(queue.name, collector, prefetch=10)
+    await wait_for(lambda: len(collector.deliveries) == 1, what="the returned delivery")
+    assert collector.bodies == [hoarder.deliveries[1].body]
+    assert collector.deliveries[0].redelivered
+
+
 async def test_get_returns_none_on_empty_and_a_delivery_otherwise(transport: Transport, naming: Naming) -> None:
     queue = plain_queue(naming, "get", "a.b")
     await transport.declare(Topology(naming.exchange, (queue,)))

@@ -681,6 +681,60 @@ async def test_stop_waits_for_the_in_flight_handler_and_acks_its_message(
     assert left.redelivered is False
 
 
+async def test_a_handler_still_running_when_the_grace_period_ends_is_cancelled_and_settles_nothing(
+    broker: InMemoryBroker, mem: InMemoryTransport, settings: choreo.Settings
+) -> None:
+    worker_conn = broker.transport()
+    await worker_conn.connect()
+    started, cancelled = asyncio.Event(), asyncio.Event()
+    agent: choreo.Agent[None] = choreo.Agent("abandoning", retry=choreo.RetryPolicy(attempts=1, delayed=0))
+
+    @agent.on(Ping)
+    async def stuck(event: Ping, ctx: choreo.Context[None]) -> Pong:
+        started.set()
+        try:
+            await asyncio.Event().wait()  # never ends by itself
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return Pong(n=event.n)
+
+    publisher = choreo.Publisher(transport=mem, settings=settings, source="test")
+    queues = settings.naming.agent_queues(agent.name)
+    worker = choreo.Worker([agent], settings=dataclasses.replace(settings, shutdown_grace_s=0.2), transport=worker_conn)
+    runtime = worker.runtimes[0]
+    await worker.start()
+    await publisher.publish(Ping(n=1))
+    await asyncio.wait_for(started.wait(), 5)
+    assert await asyncio.wait_for(worker.stop(), 5) is False
+    assert cancelled.is_set()  # cancelled before stop() returned, not left running
+    assert runtime.in_flight == 0
+    stats = runtime.stats
+    assert (stats.handled, stats.emitted, stats.dead_lettered_total, stats.requeued) == (0, 0, 0, 0)
+    assert await mem.queue_depth(queues.dlq) == 0
+    # Unsettled, it comes back when the worker's connection goes.
+    await worker_conn.close()
+    await broker.drain()
+    assert await mem.queue_depth(queues.main) == 1
+    # Its claim was released: the next worker handles it at once, not a lease (30 s) later.
+    handled: list[int] = []
+    again: choreo.Agent[None] = choreo.Agent("abandoning")
+
+    @again.on(Ping)
+    async def fine(event: Ping, ctx: choreo.Context[None]) -> None:
+        handled.append(event.n)
+
+    next_conn = broker.transport()
+    await next_conn.connect()
+    successor = choreo.Worker([again], settings=settings, transport=next_conn)
+    await successor.start()
+    try:
+        await wait_for(lambda: handled == [1], within=5, what="the successor to handle it")
+    finally:
+        await successor.stop()
+        await next_conn.close()
+
+
 async def _not(result: Awaitable[bool]) -> bool:
     return not await result
 
