@@ -237,8 +237,8 @@ class AgentRuntime(Generic[S]):
     async def stop(self, grace_s: float | None = None) -> bool:
         """Stop consuming, wait for in-flight handlers (up to ``grace_s``), close stores.
 
-        Returns False if handlers were still running at the deadline (their messages stay
-        unacked and the broker redelivers them).
+        Returns False if handlers were still running at the deadline: they are cancelled, and
+        their messages, never settled, go back to the queue when the subscription closes.
         """
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
         if self._sub is not None:
@@ -250,6 +250,12 @@ class AgentRuntime(Generic[S]):
             finished = False
             log.warning("shutdown grace period over", agent=self.agent.name, in_flight=self._in_flight)
             await self._abandon_in_flight()
+        if self._sub is not None:
+            # The acks asked for go out; deliveries left unsettled go back to the queue now,
+            # not when the connection closes (which may be much later if the application
+            # shares it with this worker).
+            with contextlib.suppress(TransportError):
+                await self._sub.close()
         await self._close_resources()
         self._report_settle_failures()  # before the last line: nothing of this agent logs after it
         log.info("agent stopped", agent=self.agent.name, **self._stats_fields())

@@ -89,6 +89,12 @@ class Subscription(Protocol):
         """Stop receiving new deliveries; deliveries already handed out stay valid."""
         ...
 
+    async def close(self) -> None:
+        """Cancel, send the acks already asked for, then hand every delivery of this
+        subscription still unsettled back to its queue, as closing the connection would (the
+        connection itself stays open). Settling one of those afterwards raises TransportError."""
+        ...
+
 
 class Transport(abc.ABC):
     """A broker connection. Use as an async context manager."""

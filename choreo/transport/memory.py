@@ -343,20 +343,26 @@ class InMemoryBroker:
         except KeyError:
             raise TransportError(f"NOT_FOUND - no queue {name!r}") from None
 
+    def return_unsettled(self, consumer: _Consumer) -> None:
+        """Detach ``consumer`` and put its unsettled deliveries back in their queue."""
+        queue = consumer.queue
+        if consumer in queue.consumers:
+            queue.consumers.remove(consumer)
+        consumer.active = False
+        alive = self.queues.get(queue.name) is queue  # a deleted queue's messages went with it
+        for delivery in list(consumer.in_flight):
+            delivery.settled = True
+            if alive:
+                self._return(queue, delivery._msg, requeue=True)
+        consumer.in_flight.clear()
+        if consumer in consumer.connection._consumers:
+            consumer.connection._consumers.remove(consumer)
+
     def close_connection(self, connection: InMemoryTransport) -> None:
         """Return every unsettled delivery of ``connection`` to its queue, as the broker does."""
         consumers, connection._consumers = connection._consumers, []
         for consumer in consumers:
-            queue = consumer.queue
-            if consumer in queue.consumers:
-                queue.consumers.remove(consumer)
-            consumer.active = False
-            alive = self.queues.get(queue.name) is queue  # a deleted queue's messages went with it
-            for delivery in list(consumer.in_flight):
-                delivery.settled = True
-                if alive:
-                    self._return(queue, delivery._msg, requeue=True)
-            consumer.in_flight.clear()
+            self.return_unsettled(consumer)
         for delivery in list(connection._gets):
             if not delivery.settled:
                 delivery.settled = True
@@ -390,6 +396,10 @@ class _MemorySubscription:
         queue = self._consumer.queue
         if self._consumer in queue.consumers:
             queue.consumers.remove(self._consumer)
+
+    async def close(self) -> None:
+        await self.cancel()
+        self._broker.return_unsettled(self._consumer)
 
 
 class InMemoryTransport(Transport):

@@ -325,6 +325,27 @@ async def test_deliveries_unacked_when_their_subscription_was_cancelled_return_w
     assert collector.deliveries[0].redelivered
 
 
+async def test_closing_a_subscription_sends_its_acks_and_returns_the_rest_on_an_open_connection(
+    transport: Transport, naming: Naming
+) -> None:
+    queue = plain_queue(naming, "subclose", "a.b")
+    await transport.declare(Topology(naming.exchange, (queue,)))
+    for i in range(3):
+        await transport.publish(message(naming, "a.b", f"m{i}".encode()))
+    hoarder = Collector(ack=False)
+    subscription = await transport.subscribe(queue.name, hoarder, prefetch=10)
+    await wait_for(lambda: len(hoarder.deliveries) == 3, what="three unacked deliveries")
+    await hoarder.deliveries[1].ack()
+    await subscription.close()
+    await depth_is(transport, queue.name, 2)  # the acked one is gone, the other two are back
+    with pytest.raises(TransportError):
+        await hoarder.deliveries[0].ack()  # returned: no longer ours to settle
+    got = await drain_with_get(transport, queue.name)
+    assert sorted(d.body for d in got) == [hoarder.deliveries[0].body, hoarder.deliveries[2].body]
+    assert all(d.redelivered for d in got)
+    await subscription.close()  # closing twice is harmless
+
+
 async def test_get_returns_none_on_empty_and_a_delivery_otherwise(transport: Transport, naming: Naming) -> None:
     queue = plain_queue(naming, "get", "a.b")
     await transport.declare(Topology(naming.exchange, (queue,)))

@@ -223,8 +223,8 @@ async def test_a_handler_abandoned_at_stop_settles_nothing(
 ) -> None:
     """Once the grace period is over, a handler still running is cancelled before the store
     closes: it neither fails into a retry, a dead-letter or a compensation (as it did when the
-    closed store made its next query fail), nor emits. Its message stays unacked and comes back
-    when the connection goes, even on a transport the application shares with the worker."""
+    closed store made its next query fail), nor emits. Its message, never settled, is back in
+    its queue when stop() returns, even on a connection the application keeps open."""
     conn, suffix = db
     ledger = f"ledger_{suffix}"
     retry = RetryPolicy(attempts=1, delayed=0) if policy != "default" else RetryPolicy()
@@ -280,11 +280,12 @@ async def test_a_handler_abandoned_at_stop_settles_nothing(
     for queue in runtime.topology.queues:
         if ".retry" in queue.name:
             assert await admin.queue_depth(queue.name) == 0, queue.name
-    await transport.close()  # the application shuts down: its unacked delivery returns
+    # Back in its queue already, though the application keeps its connection open.
     await wait_for(
         lambda: admin.queue_depth(runtime.queues.main), within=10, what="the unacked message back in its queue"
     )
     assert await admin.queue_depth(runtime.queues.main) == 1
+    await transport.close()
 
 
 async def test_close_ends_open_transactions_and_does_not_wait_for_busy_connections(
