@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -27,10 +30,20 @@ def quick_bench(amqp_url: str, *args: str) -> tuple[str, str]:
     if parsed.hostname not in ("127.0.0.1", "localhost") or (parsed.port or 5672) != 5672:
         pytest.skip("the shared baseline scripts only talk to the local broker on 127.0.0.1:5672")
     command = [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", *args, "--no-write", "--url", amqp_url]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=ROOT, check=False)
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output[-3000:]
-    return done.stdout, output
+    # Its own process group: the saga's worker processes are run.py's children, and a timeout
+    # (or a failure run.py could not clean up after) must not leave them consuming on the broker.
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    output = stdout + stderr
+    assert proc.returncode == 0, output[-3000:]
+    return stdout, output
 
 
 def test_quick_bench_runs_and_prints_the_ratio_line(amqp_url: str) -> None:
