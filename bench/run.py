@@ -1192,18 +1192,23 @@ def stage_rows(run: Run) -> list[list[str]]:
     return rows
 
 
-def paired_ratios(mine: Throughput | None, other: Throughput | None, kind: str) -> list[float]:
-    """``mine / other`` of ``kind`` in each round both completed, in round order. Pairs are
-    measured seconds apart, where the medians of two clients may come from different rounds,
-    minutes apart: this host's speed drifts by a fifth between rounds (every client together)."""
+def round_ratios(mine: Throughput | None, other: Throughput | None, kind: str) -> dict[int, float]:
+    """``mine / other`` of ``kind`` by round, for the rounds both completed. Pairs are measured
+    seconds apart, where the medians of two clients may come from different rounds, minutes
+    apart: this host's speed drifts by a fifth between rounds (every client together)."""
     if mine is None or other is None:
-        return []
+        return {}
     theirs = dict(zip(other.rounds, getattr(other, kind), strict=True))
-    return [
-        value / theirs[r]
+    return {
+        r: value / theirs[r]
         for r, value in zip(mine.rounds, getattr(mine, kind), strict=True)
         if theirs.get(r) and not math.isnan(value)
-    ]
+    }
+
+
+def paired_ratios(mine: Throughput | None, other: Throughput | None, kind: str) -> list[float]:
+    """:func:`round_ratios` in round order."""
+    return list(round_ratios(mine, other, kind).values())
 
 
 def paired_text(values: Sequence[float], unit: str = "x") -> str:
@@ -1223,13 +1228,9 @@ def paired_rows(run: Run) -> list[list[str]]:
             theirs = run.throughput.get(other)
             if theirs is None or not getattr(theirs, kind):
                 continue
-            mine_by = dict(zip(choreo.rounds, getattr(choreo, kind), strict=True))
-            theirs_by = dict(zip(theirs.rounds, getattr(theirs, kind), strict=True))
-            cells = [
-                f"{mine_by[r] / theirs_by[r]:.2f}" if r in mine_by and theirs_by.get(r) else "-"
-                for r in range(run.opts.repeat)
-            ]
-            rows.append([f"{label}: choreo / {other}", paired_text(paired_ratios(choreo, theirs, kind)), *cells])
+            by_round = round_ratios(choreo, theirs, kind)
+            cells = [f"{by_round[r]:.2f}" if r in by_round else "-" for r in range(run.opts.repeat)]
+            rows.append([f"{label}: choreo / {other}", paired_text(list(by_round.values())), *cells])
     return rows
 
 

@@ -177,8 +177,9 @@ class AgentRuntime(Generic[S]):
         self.stats = AgentStats()
         self.state: S | None = None
         self._sub: Subscription | None = None
-        self._in_flight = 0
-        self._handling: set[asyncio.Task[Any]] = set()  # the deliveries' tasks, cancelled if stop() gives up
+        # The tasks handling deliveries now: their count is the in-flight gauge, and stop()
+        # cancels those still running when the grace period ends.
+        self._handling: set[asyncio.Task[Any]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
         # Deliveries waiting for another delivery of the same key in this process to finish.
@@ -192,7 +193,7 @@ class AgentRuntime(Generic[S]):
         self._settle_report: asyncio.TimerHandle | None = None
         self._skew = timedelta(milliseconds=settings.clock_skew_ms)
         self.metrics: AgentMetrics = (metrics or Metrics()).for_agent(agent.name, agent.handled_types)
-        self.metrics.track_in_flight(lambda: self._in_flight)
+        self.metrics.track_in_flight(lambda: len(self._handling))
         self.latency = LatencyWindow()
         self._tracing: otel.Tracing | None = None  # read at start: None means tracing is off
         self._debug = True  # read at start: whether the per-message debug lines are written
@@ -206,7 +207,7 @@ class AgentRuntime(Generic[S]):
 
     @property
     def in_flight(self) -> int:
-        return self._in_flight
+        return len(self._handling)
 
     async def start(self) -> None:
         """Open state and dedup store, declare topology, then start consuming."""
@@ -248,7 +249,7 @@ class AgentRuntime(Generic[S]):
             await asyncio.wait_for(self._idle.wait(), timeout=grace)
         except TimeoutError:
             finished = False
-            log.warning("shutdown grace period over", agent=self.agent.name, in_flight=self._in_flight)
+            log.warning("shutdown grace period over", agent=self.agent.name, in_flight=len(self._handling))
             await self._abandon_in_flight()
         if self._sub is not None:
             # The acks asked for go out; deliveries left unsettled go back to the queue now,
@@ -319,11 +320,10 @@ class AgentRuntime(Generic[S]):
 
     # pipeline ---------------------------------------------------------------------------------
     async def _on_delivery(self, delivery: Delivery) -> None:
-        self._in_flight += 1
-        self._idle.clear()
         task = asyncio.current_task()
-        if task is not None:
-            self._handling.add(task)
+        assert task is not None  # the transport runs every delivery's handling in a task
+        self._handling.add(task)
+        self._idle.clear()
         try:
             await self._process(delivery)
         except Exception as exc:  # the pipeline settles every outcome; this is the last guard
@@ -337,10 +337,8 @@ class AgentRuntime(Generic[S]):
                 with contextlib.suppress(Exception):
                     await delivery.nack(requeue=True)
         finally:
-            if task is not None:
-                self._handling.discard(task)
-            self._in_flight -= 1
-            if self._in_flight == 0:
+            self._handling.discard(task)
+            if not self._handling:
                 self._idle.set()
 
     def _verified_envelope(self, delivery: Delivery) -> Envelope:

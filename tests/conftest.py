@@ -16,8 +16,12 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from choreo import Keyring, Naming, Settings
+from choreo.observability import tracing
 from choreo.topology import Topology
 from choreo.transport import InMemoryBroker, Transport
 from choreo.transport.rabbitmq import RabbitMQTransport
@@ -176,3 +180,15 @@ async def transport_factory(
 @pytest.fixture
 async def transport(transport_factory: Callable[[], Awaitable[Transport]]) -> Transport:
     return await transport_factory()
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    """choreo traced into an in-memory exporter for the test (tracing off again after it)."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.set_tracer_provider(provider)
+    yield exporter
+    tracing.set_tracer_provider(None)
+    provider.shutdown()

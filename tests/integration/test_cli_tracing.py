@@ -5,20 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
 from choreo import Settings
 from choreo.cli.publish import Unroutable, publish
 from choreo.codec import loads_object
-from choreo.observability import tracing
+from choreo.testing import wait_for
 from choreo.topology import QueueSpec, Topology
 from choreo.transport.base import Delivery
 from choreo.transport.rabbitmq import RabbitMQTransport
@@ -34,17 +33,6 @@ NO_OTEL_ENV: dict[str, str | None] = {
     "OTEL_EXPORTER_OTLP_ENDPOINT": None,
     "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": None,
 }
-
-
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing.set_tracer_provider(provider)
-    yield exporter
-    tracing.set_tracer_provider(None)
-    provider.shutdown()
 
 
 async def bound_queue(transport: RabbitMQTransport, settings: Settings, event_type: str) -> str:
@@ -74,9 +62,7 @@ async def delivered(transport: RabbitMQTransport, queue: str) -> Delivery:
             got.append(delivery)
         return bool(got)
 
-    async with asyncio.timeout(10):
-        while not await one():  # noqa: ASYNC110 - a basic.get poll, bounded by the timeout
-            await asyncio.sleep(0.01)
+    await wait_for(one, within=10, what=f"a message in {queue}")
     return got[0]
 
 

@@ -164,6 +164,21 @@ async def test_agent_requiring_a_transaction_refuses_other_stores(settings: Sett
 
 
 @pytest.mark.rabbitmq
+def slow_worker(agent: Agent[None], settings: Settings, transport: Transport, suffix: str) -> Worker:
+    """A worker for ``agent`` on the transactional store, with a 0.5 s shutdown grace period."""
+    worker = Worker([agent], settings=dataclasses.replace(settings, shutdown_grace_s=0.5), transport=transport)
+    worker.runtimes[0].dedup = PostgresDedupStore(PG_DSN, table=f"dedup_{suffix}", transactional=True)
+    return worker
+
+
+async def deposit_and_wait(worker: Worker, settings: Settings, transport: Transport, started: asyncio.Event) -> None:
+    """Start ``worker``, publish one deposit and return once its handler has ``started``."""
+    await worker.start()
+    async with Publisher(transport=transport, settings=settings, source="t") as publisher:
+        await publisher.publish(Deposit(account="acc", cents=5))
+    await asyncio.wait_for(started.wait(), 10)
+
+
 async def test_stop_ends_transactions_still_held_after_the_grace_period(
     db: tuple[asyncpg.Connection, str], settings: Settings, rabbit_factory: Callable[[], Awaitable[Transport]]
 ) -> None:
@@ -184,14 +199,10 @@ async def test_stop_ends_transactions_still_held_after_the_grace_period(
         return Receipt(account=event.account)
 
     transport = await rabbit_factory()
-    worker = Worker([agent], settings=dataclasses.replace(settings, shutdown_grace_s=0.5), transport=transport)
+    worker = slow_worker(agent, settings, transport, suffix)
     runtime = worker.runtimes[0]
-    runtime.dedup = PostgresDedupStore(PG_DSN, table=f"dedup_{suffix}", transactional=True)
-    await worker.start()
     try:
-        async with Publisher(transport=transport, settings=settings, source="t") as publisher:
-            await publisher.publish(Deposit(account="acc", cents=5))
-        await asyncio.wait_for(started.wait(), 10)
+        await deposit_and_wait(worker, settings, transport, started)
         began = time.monotonic()
         finished = await asyncio.wait_for(worker.stop(), 30)
         elapsed = time.monotonic() - began
@@ -253,14 +264,10 @@ async def test_a_handler_abandoned_at_stop_settles_nothing(
     listening = Worker([listener], settings=settings, transport=await rabbit_factory())
     await listening.start()
     transport = await rabbit_factory()  # the application's: the worker does not close it
-    worker = Worker([agent], settings=dataclasses.replace(settings, shutdown_grace_s=0.5), transport=transport)
+    worker = slow_worker(agent, settings, transport, suffix)
     runtime = worker.runtimes[0]
-    runtime.dedup = PostgresDedupStore(PG_DSN, table=f"dedup_{suffix}", transactional=True)
-    await worker.start()
     try:
-        async with Publisher(transport=transport, settings=settings, source="t") as publisher:
-            await publisher.publish(Deposit(account="acc", cents=5))
-        await asyncio.wait_for(started.wait(), 10)
+        await deposit_and_wait(worker, settings, transport, started)
         assert not await asyncio.wait_for(worker.stop(), 30)
     finally:
         go.set()  # had it not been cancelled, the handler would go on against a closed store

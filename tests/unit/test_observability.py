@@ -11,8 +11,7 @@ from typing import Any
 
 import pytest
 import structlog
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
@@ -273,15 +272,7 @@ def test_histograms_expose_cumulative_buckets_count_and_sum() -> None:
 
 
 # traces -----------------------------------------------------------------------------------------
-@pytest.fixture
-def spans() -> AsyncIterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing.set_tracer_provider(provider)
-    yield exporter  # type: ignore[misc]
-    tracing.set_tracer_provider(None)
-    provider.shutdown()
+# ``spans`` (tests/conftest.py): choreo traced into an in-memory exporter.
 
 
 def test_tracing_is_off_without_configuration() -> None:
