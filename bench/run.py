@@ -4,6 +4,7 @@
     python bench/run.py --quick         # < 2 minutes; writes bench/out/benchmarks-quick.md
     python bench/run.py --quick --count 300 --only choreo,raw --saga-seconds 2 --no-write
     python bench/run.py --profile       # py-spy profile of the choreo consume path
+    python bench/run.py --instructions  # callgrind: instructions per message, publish and consume
 
 Clients run one after another, never concurrently, each as its own process so that its CPU
 (user+sys from ``getrusage(RUSAGE_CHILDREN)``) is measured the same way. Same message body,
@@ -341,11 +342,13 @@ class LoadSnapshot:
     ours_s: float
     broker_s: float
     at: float
+    steal_s: float = 0.0
 
 
 class LoadMeter:
     """System-wide busy CPU (/proc/stat) split into this harness with its children, the broker,
-    and everything else (other people's work): how noisy a run's figures are."""
+    and everything else (other people's work): how noisy a run's figures are. Steal, the time
+    the hypervisor gave this VM's CPUs to others while they had work, is counted apart."""
 
     def __init__(self) -> None:
         self.tick = os.sysconf("SC_CLK_TCK")
@@ -353,14 +356,15 @@ class LoadMeter:
 
     def snapshot(self) -> LoadSnapshot:
         fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
-        busy = (sum(fields) - fields[3] - fields[4]) / self.tick  # all but idle and iowait
+        steal = fields[7] / self.tick
+        busy = (sum(fields) - fields[3] - fields[4]) / self.tick - steal  # all but idle, iowait and steal
         me = resource.getrusage(resource.RUSAGE_SELF)
         broker = math.nan
         if self.broker_pid is not None:
             with contextlib.suppress(OSError):
                 stat = Path(f"/proc/{self.broker_pid}/stat").read_text().rsplit(")", 1)[1].split()
                 broker = (int(stat[11]) + int(stat[12])) / self.tick
-        return LoadSnapshot(busy, me.ru_utime + me.ru_stime + children_cpu(), broker, time.monotonic())
+        return LoadSnapshot(busy, me.ru_utime + me.ru_stime + children_cpu(), broker, time.monotonic(), steal)
 
     @staticmethod
     def between(a: LoadSnapshot, b: LoadSnapshot) -> dict[str, float]:
@@ -373,6 +377,7 @@ class LoadMeter:
             "bench_cores": (b.ours_s - a.ours_s) / wall,
             "broker_cores": broker / wall,
             "other_cores": max(other, 0.0) / wall,
+            "steal_cores": (b.steal_s - a.steal_s) / wall,
         }
 
 
@@ -407,6 +412,7 @@ class Options:
     profile: bool
     profile_format: str
     profile_rate: int
+    instructions: bool = False
     stages: bool = False
     wire: bool = False
     saga_rounds: int = 1
@@ -960,6 +966,70 @@ def profile_consume(run: Run, step: str, target: Path, result: Path) -> None:
             client.wait()
 
 
+# step: instructions (callgrind) ---------------------------------------------------------------------
+COLLECTED = re.compile(r"Collected : (\d+)")
+# Under callgrind a client runs about 50 times slower: these sizes take 1-2 minutes per path.
+INSTRUCTION_SIZES = (1000, 4000)
+INSTRUCTION_SIZES_QUICK = (200, 800)
+
+
+def callgrind_instructions(cmd: Sequence[str], *, env: dict[str, str], timeout: float) -> int:
+    """The user-space instructions ``cmd`` executed, counted by valgrind's callgrind: the same
+    count for the same code and inputs whatever else the machine is doing, unlike its time."""
+    done = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *cmd],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=tempfile.gettempdir(),
+    )
+    if done.returncode != 0:
+        what = " ".join(Path(part).name for part in cmd[1:3])
+        raise StepError(f"{what} under callgrind exited {done.returncode}: {done.stderr[-300:]!r}")
+    found = COLLECTED.findall(done.stderr)
+    if not found:
+        raise StepError(f"callgrind reported no instruction count: {done.stderr[-300:]!r}")
+    return int(found[-1])
+
+
+def per_message(small: tuple[int, int], large: tuple[int, int]) -> float:
+    """Instructions per message from two runs of (messages, instructions): the difference
+    leaves start-up, imports and connection set-up out."""
+    (n1, i1), (n2, i2) = small, large
+    if n2 <= n1:
+        raise ValueError(f"the second run must carry more messages ({n1} then {n2})")
+    return (i2 - i1) / (n2 - n1)
+
+
+def instructions_step(run: Run) -> dict[str, float]:
+    """Instructions per message of the choreo client's publish and consume paths, on the real
+    broker. This is how hot-path changes are compared (docs/performance.md): time on this
+    machine drifts by tens of percent within minutes, instruction counts by well under 1 %."""
+    if shutil.which("valgrind") is None:
+        raise StepError("--instructions needs valgrind (apt-get install valgrind)")
+    sizes = INSTRUCTION_SIZES_QUICK if run.opts.quick else INSTRUCTION_SIZES
+    results: dict[str, float] = {}
+    for mode in ("publish", "consume"):
+        points: list[tuple[int, int]] = []
+        for n in sizes:
+            step = f"instr-{mode}-{n}"
+            queues, exchanges = run.track(step, "bench")
+            try:
+                if mode == "consume":
+                    prefill = run.client_cmd("publish", step, str(n))
+                    run_measured(prefill, env=run.env(), timeout=n / 100 + 180, what="prefill")
+                say(f"  {mode} {n:,} under callgrind")
+                cmd = run.client_cmd(mode, step, str(n))
+                points.append((n, callgrind_instructions(cmd, env=run.env(), timeout=n / 10 + 600)))
+            finally:
+                run.clean(queues, exchanges)
+        results[mode] = per_message(points[0], points[1])
+        say(f"{mode}: {results[mode]:,.0f} instructions per message ({sizes[1]:,} minus {sizes[0]:,} messages)")
+    return results
+
+
 # report ---------------------------------------------------------------------------------------------
 def med(values: Sequence[float]) -> float:
     return statistics.median(values) if values else math.nan
@@ -1356,7 +1426,8 @@ def machine_info(run: Run) -> dict[str, str]:
 def load_text(load: dict[str, float]) -> str:
     return (
         f"{load['busy_cores']:.2f} of {os.cpu_count()} cores busy on average: bench processes "
-        f"{load['bench_cores']:.2f}, broker {load['broker_cores']:.2f}, other processes {load['other_cores']:.2f}"
+        f"{load['bench_cores']:.2f}, broker {load['broker_cores']:.2f}, other processes {load['other_cores']:.2f}; "
+        f"stolen by the hypervisor {load.get('steal_cores', 0.0):.2f}"
     )
 
 
@@ -1374,7 +1445,8 @@ def write_report(run: Run, path: Path, info: dict[str, str], ratios: str) -> Non
         f"Generated by `python bench/run.py{' --quick' if o.quick else ''}{' --stages' if o.stages else ''}` on "
         f"{run.started.strftime('%Y-%m-%d %H:%M UTC')} (run `{run.run_id}`). Re-run it to refresh this page; "
         "`--quick` (under 2 minutes) writes `bench/out/benchmarks-quick.md` instead, `--profile` profiles the "
-        "choreo consume path with py-spy, `--stages` splits each saga hop into its stages. What each hot-path "
+        "choreo consume path with py-spy, `--instructions` counts the choreo publish and consume paths' "
+        "instructions per message with callgrind, `--stages` splits each saga hop into its stages. What each hot-path "
         "change bought is kept by hand in "
         "[performance.md](performance.md).",
         "",
@@ -1569,6 +1641,11 @@ def parse(argv: Sequence[str]) -> Options:
     parser.add_argument("--profile-format", choices=["raw", "flamegraph", "speedscope"], default="raw")
     parser.add_argument("--profile-rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="only count the choreo publish and consume paths' instructions per message (callgrind)",
+    )
+    parser.add_argument(
         "--stages",
         action="store_true",
         help="stamp where each choreo saga hop's time goes (bench/stages); adds a table per rate",
@@ -1625,6 +1702,7 @@ def parse(argv: Sequence[str]) -> Options:
         profile=bool(args.profile),
         profile_format=args.profile_format,
         profile_rate=args.profile_rate,
+        instructions=bool(args.instructions),
         stages=bool(args.stages),
         wire=bool(args.wire),
         saga_rounds=args.saga_rounds or (1 if quick else 3),
@@ -1651,6 +1729,9 @@ def main(argv: Sequence[str]) -> int:
     try:
         if opts.profile:
             profile_step(run)
+            return 0
+        if opts.instructions:
+            instructions_step(run)
             return 0
         execute(run, meter)
     except KeyboardInterrupt:
@@ -1757,7 +1838,10 @@ def execute(run: Run, meter: LoadMeter) -> None:
                 (run.failed if client.startswith("choreo") else run.notes).append(str(exc))
         load = LoadMeter.between(t0, meter.snapshot())
         run.load[f"{step} {client} #{index + 1}" + (f" round {rnd + 1}" if step == "saga" else "")] = load
-        say(f"  {summary} [{load['wall_s']:.1f}s; other processes {load['other_cores']:.2f} cores]")
+        say(
+            f"  {summary} [{load['wall_s']:.1f}s; other processes {load['other_cores']:.2f} cores, "
+            f"steal {load['steal_cores']:.2f}]"
+        )
 
 
 def run_step(run: Run, step: str, client: str, index: int, *, rnd: int, prefix: str) -> str:
@@ -1824,7 +1908,7 @@ def saga_once(run: Run, client: str, index: int, rnd: int, prefix: str) -> str:
 
 def finish(run: Run) -> int:
     opts = run.opts
-    if opts.profile:
+    if opts.profile or opts.instructions:
         return 1 if run.failed else 0
     if tree_digest() != run.tree_sources:
         run.tree_changes.append("the end")

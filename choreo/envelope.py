@@ -100,10 +100,17 @@ class Envelope(BaseModel):
 
 def format_timestamp(moment: datetime) -> str:
     """RFC 3339 in UTC with millisecond precision, e.g. ``2026-11-20T10:00:00.123Z``."""
-    m = moment.astimezone(UTC)
-    return (
-        f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:{m.second:02d}."
-        f"{m.microsecond // 1000:03d}Z"
+    # One %-format, and no conversion of a time already in UTC: this runs for every event
+    # published (an f-string with seven format specs cost almost twice as much).
+    m = moment if moment.tzinfo is UTC else moment.astimezone(UTC)
+    return "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ" % (  # noqa: UP031
+        m.year,
+        m.month,
+        m.day,
+        m.hour,
+        m.minute,
+        m.second,
+        m.microsecond // 1000,
     )
 
 

@@ -7,6 +7,7 @@ async with choreo.Publisher(source="shop") as p:
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
@@ -87,16 +88,23 @@ def new_envelope(
     )
 
 
-async def publish_traced(
+def publish_traced(
     transport: Transport, message: OutgoingMessage, *, trace_id: str, tracing: otel.Tracing | None
-) -> None:
-    """Publish ``message`` and wait for its confirm, inside a PRODUCER span when ``tracing`` is on.
+) -> Awaitable[None]:
+    """Publish ``message``; the awaitable resolves once the broker confirmed. Inside a PRODUCER
+    span when ``tracing`` is on: the span's context replaces the message's plain
+    ``traceparent``, so consumers hang off it, and the span ends once the broker confirmed, or
+    with the error if the publish failed.
 
-    The span's context replaces the message's plain ``traceparent``, so consumers hang off it; the
-    span ends once the broker confirmed, or with the error if the publish failed."""
+    Without tracing, the transport's own awaitable: no coroutine of ours to resume per publish."""
     if tracing is None:
-        await transport.publish(message)
-        return
+        return transport.publish(message)
+    return _publish_in_span(transport, message, trace_id, tracing)
+
+
+async def _publish_in_span(
+    transport: Transport, message: OutgoingMessage, trace_id: str, tracing: otel.Tracing
+) -> None:
     span = tracing.publish(message.headers, message.routing_key, message.message_id, trace_id=trace_id)
     try:
         await transport.publish(message)
@@ -174,9 +182,13 @@ class Publisher:
             dedup_key=dedup_key,
             ttl_ms=ttl_ms if ttl_ms is not None else type(event).__event_ttl_ms__,
         )
-        await self.publish_envelope(envelope)
+        await self._send(envelope)
         return envelope
 
     async def publish_envelope(self, envelope: Envelope) -> None:
+        """Sign and publish an envelope built already; returns once the broker confirmed."""
+        await self._send(envelope)
+
+    def _send(self, envelope: Envelope) -> Awaitable[None]:
         message = to_message(envelope, self.keyring, self.exchange, expiration_slack_ms=self.settings.clock_skew_ms)
-        await publish_traced(self.transport, message, trace_id=envelope.trace_id, tracing=self._tracing)
+        return publish_traced(self.transport, message, trace_id=envelope.trace_id, tracing=self._tracing)

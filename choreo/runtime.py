@@ -319,27 +319,75 @@ class AgentRuntime(Generic[S]):
         }
 
     # pipeline ---------------------------------------------------------------------------------
+    # The common path runs in as few coroutine frames as it can: a delivery waits for a commit
+    # or a flush two or three times, and each wait suspends and resumes every frame between
+    # the task and the future (about 1,500 instructions per frame, measured with callgrind).
     async def _on_delivery(self, delivery: Delivery) -> None:
+        """The whole pipeline for one delivery, in the task the transport runs it in; it ends
+        with the delivery settled (acked, moved then acked, or nacked) in every case."""
         task = asyncio.current_task()
         assert task is not None  # the transport runs every delivery's handling in a task
         self._handling.add(task)
         self._idle.clear()
+        self.stats.received += 1
+        tracing = self._tracing
+        start_ns = time.time_ns() if tracing is not None else 0
+        metrics = self.metrics
+        envelope: Envelope | None = None
         try:
-            await self._process(delivery)
-        except Exception as exc:  # the pipeline settles every outcome; this is the last guard
-            log.exception("unexpected error in pipeline; requeueing", agent=self.agent.name)
+            label = metrics.bounded(delivery.type)
             try:
-                await self._requeue(delivery, f"unexpected error: {exc!r}")
-            except Exception:
-                # Not even the requeue (or its dead-letter) went: hand it back to the broker as
-                # it is, rather than leave it unsettled until the connection goes.
-                log.exception("requeue failed; returning the message to the broker", agent=self.agent.name)
-                with contextlib.suppress(Exception):
-                    await delivery.nack(requeue=True)
+                envelope = self._verified_envelope(delivery)
+                label = metrics.bounded(envelope.type)
+                spec, event = self._resolve(envelope)
+            except MessageFault as fault:
+                await self._reject(delivery, envelope, fault, label, start_ns)
+                return
+            metrics.count_received(label)
+            span = self._consume_span(tracing, delivery, envelope, start_ns)
+            outcome = "requeued"
+            token = message_fields(self._log_fields(delivery, envelope))
+            try:
+                outcome = await self._claim_and_handle(delivery, envelope, spec, event)
+            finally:
+                reset_message_fields(token)
+                if span is not None:
+                    span.finish(outcome)
+        except Exception as exc:  # the pipeline settles every outcome; this is the last guard
+            await self._last_resort(delivery, exc)
         finally:
             self._handling.discard(task)
             if not self._handling:
                 self._idle.set()
+
+    async def _reject(
+        self, delivery: Delivery, envelope: Envelope | None, fault: MessageFault, label: str, start_ns: int
+    ) -> None:
+        """Dead-letter a delivery that cannot be handled (bad signature, body or schema; stale;
+        no handler): no handler runs and no dedup key is claimed."""
+        metrics = self.metrics
+        metrics.count_received(label)
+        if isinstance(fault, EventExpired):
+            metrics.count_expired(label)
+        span = self._consume_span(self._tracing, delivery, envelope, start_ns)
+        token = message_fields(self._log_fields(delivery, envelope))
+        try:
+            await self._dead_letter(delivery, fault.reason, str(fault))
+        finally:
+            reset_message_fields(token)
+        if span is not None:
+            span.finish("dead_lettered", f"{fault.reason}: {fault}")
+
+    async def _last_resort(self, delivery: Delivery, exc: Exception) -> None:
+        log.exception("unexpected error in pipeline; requeueing", agent=self.agent.name)
+        try:
+            await self._requeue(delivery, f"unexpected error: {exc!r}")
+        except Exception:
+            # Not even the requeue (or its dead-letter) went: hand it back to the broker as
+            # it is, rather than leave it unsettled until the connection goes.
+            log.exception("requeue failed; returning the message to the broker", agent=self.agent.name)
+            with contextlib.suppress(Exception):
+                await delivery.nack(requeue=True)
 
     def _verified_envelope(self, delivery: Delivery) -> Envelope:
         body = delivery.body
@@ -363,41 +411,6 @@ class AgentRuntime(Generic[S]):
         if spec is None:
             raise UnknownEventType(f"agent {self.agent.name!r} has no handler for {envelope.type!r}")
         return spec, spec.event_cls.from_payload(envelope.payload)
-
-    async def _process(self, delivery: Delivery) -> None:
-        self.stats.received += 1
-        tracing = self._tracing
-        start_ns = time.time_ns() if tracing is not None else 0
-        metrics = self.metrics
-        envelope: Envelope | None = None
-        label = metrics.bounded(delivery.type)
-        try:
-            envelope = self._verified_envelope(delivery)
-            label = metrics.bounded(envelope.type)
-            spec, event = self._resolve(envelope)
-        except MessageFault as fault:
-            metrics.count_received(label)
-            if isinstance(fault, EventExpired):
-                metrics.count_expired(label)
-            span = self._consume_span(tracing, delivery, envelope, start_ns)
-            token = message_fields(self._log_fields(delivery, envelope))
-            try:
-                await self._dead_letter(delivery, fault.reason, str(fault))
-            finally:
-                reset_message_fields(token)
-            if span is not None:
-                span.finish("dead_lettered", f"{fault.reason}: {fault}")
-            return
-        metrics.count_received(label)
-        span = self._consume_span(tracing, delivery, envelope, start_ns)
-        outcome = "requeued"
-        token = message_fields(self._log_fields(delivery, envelope))
-        try:
-            outcome = await self._claim_and_handle(delivery, envelope, spec, event)
-        finally:
-            reset_message_fields(token)
-            if span is not None:
-                span.finish(outcome)
 
     def _consume_span(
         self, tracing: otel.Tracing | None, delivery: Delivery, envelope: Envelope | None, start_ns: int
@@ -432,7 +445,11 @@ class AgentRuntime(Generic[S]):
     async def _claim_and_handle(self, delivery: Delivery, envelope: Envelope, spec: HandlerSpec, event: Event) -> str:
         """Claim the dedup key and handle; returns the outcome (for the consume span)."""
         key = envelope.effective_dedup_key
-        claim = await self._claim(key)
+        claim: Claim | None = None
+        if key not in self._held:  # the common case, claimed at the first try: no frame of _claim's
+            claim = await self.dedup.begin(self.agent.name, key, lease_s=self.lease_s)
+        if claim is None or claim.status != "claimed":
+            claim = await self._claim(key, first=claim)
         if claim is None:
             self.stats.duplicates += 1
             self.metrics.count_duplicate(envelope.type)
@@ -450,19 +467,23 @@ class AgentRuntime(Generic[S]):
                 if not waiter.done():
                     waiter.set_result(None)
 
-    async def _claim(self, key: str) -> Claim | None:
-        """The claim for ``key``, or None when the key is already done (a duplicate)."""
+    async def _claim(self, key: str, first: Claim | None = None) -> Claim | None:
+        """The claim for ``key``, or None when the key is already done (a duplicate).
+        ``first``: the outcome of a try already made (not "claimed"), if any."""
         backoff = 0.05
         # A claim held elsewhere ends within the holder's longest handling (it renews its lease
         # meanwhile) or one lease after the holder died; wait no longer than that.
         deadline = asyncio.get_running_loop().time() + self._worst_hold_s + self.lease_s + 1.0
         while True:
-            if key in self._held:  # the same key is being handled in this process: wait for it
+            if first is not None:
+                claim, first = first, None
+            elif key in self._held:  # the same key is being handled in this process: wait for it
                 waiter = asyncio.get_running_loop().create_future()
                 self._local_claims.setdefault(key, []).append(waiter)
                 await waiter
                 continue
-            claim = await self.dedup.begin(self.agent.name, key, lease_s=self.lease_s)
+            else:
+                claim = await self.dedup.begin(self.agent.name, key, lease_s=self.lease_s)
             if claim.status == "claimed":
                 return claim
             if claim.status == "done":
@@ -561,7 +582,10 @@ class AgentRuntime(Generic[S]):
                 otel.Tracing.end(span)
         await claim.complete()
         self.stats.emitted += len(messages)
-        await self._settle(delivery)
+        try:  # _settle's ack, inline: one frame fewer to resume
+            await delivery.ack()
+        except TransportError as exc:
+            self._settle_failed(delivery, exc)
         return True
 
     async def _on_failure(

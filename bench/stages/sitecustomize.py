@@ -10,8 +10,8 @@ per process that ``bench/stages_report.py`` joins across the four agents.
 A stamp is ``time.time()`` (one clock for every process on the host), taken:
 
 - ``recv``:    a delivery's frames are parsed (``_RabbitSubscription._on_message``);
-- ``start``:   its task begins the pipeline (``AgentRuntime._process``);
-- ``claimed``: its dedup claim is committed (``AgentRuntime._claim`` returned);
+- ``start``:   its task begins the pipeline (``AgentRuntime._on_delivery``);
+- ``claimed``: its dedup claim is committed (``SQLiteDedupStore.begin`` resolved);
 - ``hend``:    the handler returned; the emitted events' ``issued_at`` is stamped right after;
 - ``send``:    an emitted event's publish frames are queued on the connection (``_send``);
 - ``flush``:   every write of the connection's queued frames to the socket;
@@ -45,6 +45,7 @@ STAMPS: dict[str, Any] = {
 def install() -> None:
     """Wrap the stamped internals (called once choreo's worker module is being imported)."""
     from choreo import runtime
+    from choreo.stores import sqlite
     from choreo.transport import rabbitmq
     from choreo.transport.amqp import connection
 
@@ -70,16 +71,17 @@ def install() -> None:
         flushes.append(now())
         flush(self)
 
-    runtime_cls = runtime.AgentRuntime
-    process, claim, emitted = runtime_cls._process, runtime_cls._claim, runtime_cls._emitted_messages
+    runtime_cls, store_cls = runtime.AgentRuntime, sqlite.SQLiteDedupStore
+    on_delivery, begin, emitted = runtime_cls._on_delivery, store_cls.begin, runtime_cls._emitted_messages
 
-    async def _process(self: Any, delivery: Any) -> None:
+    async def _on_delivery(self: Any, delivery: Any) -> None:
         start[delivery.message_id] = now()
-        await process(self, delivery)
+        await on_delivery(self, delivery)
 
-    async def _claim(self: Any, key: str) -> Any:
-        result = await claim(self, key)
-        claimed[key] = now()
+    async def _begin(self: Any, agent: str, key: str, *, lease_s: float) -> Any:
+        result = await begin(self, agent, key, lease_s=lease_s)
+        if result.status == "claimed":
+            claimed[key] = now()
         return result
 
     def _emitted_messages(self: Any, parent: Any, result: object) -> Any:
@@ -92,8 +94,8 @@ def install() -> None:
     rabbitmq._RabbitSubscription._on_message = _on_message  # type: ignore[method-assign]
     rabbitmq._send = _send
     connection.Connection._flush = _flush  # type: ignore[method-assign]
-    runtime_cls._process = _process  # type: ignore[method-assign]
-    runtime_cls._claim = _claim  # type: ignore[method-assign]
+    runtime_cls._on_delivery = _on_delivery  # type: ignore[method-assign]
+    store_cls.begin = _begin  # type: ignore[method-assign,assignment]
     runtime_cls._emitted_messages = _emitted_messages  # type: ignore[method-assign]
 
 

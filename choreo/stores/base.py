@@ -20,6 +20,7 @@ commit together with the dedup mark (a transactional inbox).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Awaitable
 from typing import Any, Literal, Protocol
 
 __all__ = ["Claim", "ClaimResult", "DedupStore", "LeaseClaim", "ensure_pg_schema"]
@@ -62,8 +63,10 @@ class Claim(Protocol):
         writes are undone before the next one."""
         ...
 
-    async def complete(self) -> None:
-        """Mark done (and commit the handler's writes, in a transactional store)."""
+    def complete(self) -> Awaitable[None]:
+        """Mark done (and commit the handler's writes, in a transactional store); the awaitable
+        resolves once that is durable. May be a future rather than a coroutine: every layer of
+        coroutines between the runtime and the store's commit is resumed on every message."""
         ...
 
     async def extend(self, lease_s: float) -> None:
@@ -79,14 +82,20 @@ class DedupStore(Protocol):
     async def open(self) -> None: ...
     async def close(self) -> None: ...
     async def claim(self, agent: str, key: str, *, lease_s: float) -> ClaimResult: ...
-    async def complete(self, agent: str, key: str) -> None: ...
+    def complete(self, agent: str, key: str) -> Awaitable[None]:
+        """Mark ``key`` done; resolves once durable (an ``async def`` or a plain method
+        returning a future)."""
+        ...
+
     async def release(self, agent: str, key: str) -> None: ...
     async def extend(self, agent: str, key: str, *, lease_s: float) -> None: ...
     async def cleanup(self, *, older_than_s: float) -> int:
         """Delete done keys completed more than ``older_than_s`` ago; return how many."""
         ...
 
-    async def begin(self, agent: str, key: str, *, lease_s: float) -> Claim: ...
+    def begin(self, agent: str, key: str, *, lease_s: float) -> Awaitable[Claim]:
+        """Try to claim ``key``: the :class:`Claim`, whose status says whether it is ours."""
+        ...
 
 
 class _NoScope(contextlib.AbstractAsyncContextManager[None]):
@@ -122,9 +131,9 @@ class LeaseClaim:
     def attempt(self) -> contextlib.AbstractAsyncContextManager[None]:
         return _NO_SCOPE  # lease claims have nothing to undo between tries
 
-    async def complete(self) -> None:
+    def complete(self) -> Awaitable[None]:
         self._settled = True
-        await self._store.complete(self._agent, self._key)
+        return self._store.complete(self._agent, self._key)  # the store's own awaitable: no layer of ours
 
     async def release(self) -> None:
         if not self._settled:

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 from .. import codec
 from ..log import get_logger
-from .base import Claim, ClaimResult, LeaseClaim, LeaseStoreMixin
+from .base import Claim, ClaimResult, DedupStore, LeaseClaim
 
 __all__ = ["Connection", "SQLiteDedupStore", "connect"]
 
@@ -180,7 +180,8 @@ class _TurnTransaction:
         # One future per waiter: a waiter cancelled (its delivery's channel closed) cancels its
         # own future only, never the others'.
         self._waiters: list[asyncio.Future[None]] = []
-        self._claims: list[tuple[str, str, float, asyncio.Future[ClaimResult]]] = []
+        # (agent, key, lease_s, future, owner): the future gets the owner's LeaseClaim.
+        self._claims: list[tuple[str, str, float, asyncio.Future[Claim], DedupStore]] = []
         self._completes: list[tuple[str, str, asyncio.Future[None]]] = []
 
     def _begin(self) -> None:
@@ -223,11 +224,12 @@ class _TurnTransaction:
         self._waiters.append(waiter)
         return result, waiter
 
-    def claim(self, agent: str, key: str, lease_s: float) -> asyncio.Future[ClaimResult]:
-        """The claim's result, once it is committed. A claim whose caller is gone (its future
-        cancelled) by the end of the turn is not made, so it holds no lease."""
-        future: asyncio.Future[ClaimResult] = asyncio.get_running_loop().create_future()
-        self._claims.append((agent, key, lease_s, future))
+    def begin(self, owner: DedupStore, agent: str, key: str, lease_s: float) -> asyncio.Future[Claim]:
+        """``owner``'s :class:`LeaseClaim` for the key, once the claim is committed. A claim
+        whose caller is gone (its future cancelled) by the end of the turn is not made, so it
+        holds no lease."""
+        future: asyncio.Future[Claim] = asyncio.get_running_loop().create_future()
+        self._claims.append((agent, key, lease_s, future, owner))
         self._schedule()
         return future
 
@@ -256,7 +258,7 @@ class _TurnTransaction:
         try:
             if not db.in_transaction:
                 db.execute("BEGIN IMMEDIATE")
-            results = _claim_many(db, [(agent, key, lease_s) for agent, key, lease_s, _ in claims], self.batched)
+            results = _claim_many(db, [(agent, key, lease_s) for agent, key, lease_s, _, _ in claims], self.batched)
             _complete_many(db, [(agent, key) for agent, key, _ in completes], self.batched)
             db.execute("COMMIT")
         except Exception as exc:  # every operation of this turn is lost: their callers must know
@@ -268,13 +270,13 @@ class _TurnTransaction:
                 if not future.done():
                     future.set_exception(exc)
             return
-        for (_, _, _, claimed), result in zip(claims, results, strict=True):
+        for (agent, key, _, claimed, owner), result in zip(claims, results, strict=True):
             if claimed.done():
                 continue
             if isinstance(result, Exception):
                 claimed.set_exception(result)
             else:
-                claimed.set_result(result)
+                claimed.set_result(LeaseClaim(owner, agent, key, result))
         for future in (*waiters, *(c[2] for c in completes)):
             if not future.done():
                 future.set_result(None)
@@ -407,13 +409,17 @@ def _complete(db: sqlite3.Connection, agent: str, key: str) -> None:
         )
 
 
-class SQLiteDedupStore(LeaseStoreMixin):
+class SQLiteDedupStore:
     """``complete_window_s``: how long a completion may wait to share a commit (with the next
     claims, or with other completions) before it is committed on its own; 0 commits it at the
     end of its loop turn. ``complete_batch`` completions waiting commit at once (a quarter of
     the consumer's prefetch: see :class:`_TurnTransaction`). :meth:`complete` returns only once
     the mark is committed either way. Stores of one process on the same file share one
     transaction and the first one's window and batch.
+
+    :meth:`begin` and :meth:`complete` return the turn's future itself, not a coroutine: they
+    queue their work when called (inside a running loop), and the future resolves once it is
+    committed. Await it; ``asyncio.create_task`` does not take it (``ensure_future`` does).
     """
 
     def __init__(self, path: str | Path, *, complete_window_s: float = 0.0, complete_batch: int = 1) -> None:
@@ -453,15 +459,19 @@ class SQLiteDedupStore(LeaseStoreMixin):
             shared.db.close()  # stops its checkpointer thread too
             _SHARED.pop(str(self.path.resolve()), None)
 
-    async def begin(self, agent: str, key: str, *, lease_s: float) -> Claim:
-        # LeaseStoreMixin.begin without its extra coroutine: one frame fewer to resume per message.
-        return LeaseClaim(self, agent, key, await self._open_shared().txn.claim(agent, key, lease_s))
+    def begin(self, agent: str, key: str, *, lease_s: float) -> asyncio.Future[Claim]:
+        # The turn's future itself, resolved with the claim by the commit: no coroutine of ours
+        # between the runtime and the commit (LeaseStoreMixin.begin is one).
+        return self._open_shared().txn.begin(self, agent, key, lease_s)
 
     async def claim(self, agent: str, key: str, *, lease_s: float) -> ClaimResult:
-        return await self._open_shared().txn.claim(agent, key, lease_s)  # a handler runs only on a committed claim
+        claim = await self.begin(agent, key, lease_s=lease_s)  # a handler runs only on a committed claim
+        return claim.status
 
-    async def complete(self, agent: str, key: str) -> None:
-        await self._open_shared().txn.complete(agent, key)  # the caller acks only after this commit
+    def complete(self, agent: str, key: str) -> asyncio.Future[None]:
+        # The turn's future itself (resolved by its commit), so the caller, which acks only after
+        # that commit, resumes through no coroutine of the store's.
+        return self._open_shared().txn.complete(agent, key)
 
     async def release(self, agent: str, key: str) -> None:
         # Not waited for: a release lost to a failed commit ends with the lease instead.

@@ -13,7 +13,7 @@ Every transport passes the same contract suite (``tests/contract``). Contracts:
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol, Self
@@ -71,7 +71,11 @@ class Delivery(Protocol):
     @property
     def type(self) -> str | None: ...
 
-    async def ack(self) -> None: ...
+    def ack(self) -> Awaitable[None]:
+        """Acknowledge; resolves once the ack is on its way (TransportError if the channel is
+        gone: the broker then redelivers). May be a future rather than a coroutine."""
+        ...
+
     async def nack(self, *, requeue: bool) -> None: ...
 
 

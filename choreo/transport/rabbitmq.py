@@ -26,7 +26,7 @@ import struct
 import time
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -241,11 +241,14 @@ class _RabbitDelivery:
     def type(self) -> str | None:
         return self._props.type
 
-    async def ack(self) -> None:
-        msg = self._msg
+    def ack(self) -> Awaitable[None]:
         if self._acks is not None:
-            await self._acks.ack(msg.delivery_tag)
-            return
+            # The batch's future itself: the caller resumes through no coroutine of ours.
+            return self._acks.ack(self._msg.delivery_tag)
+        return self._ack_alone()
+
+    async def _ack_alone(self) -> None:
+        msg = self._msg
         try:
             msg.channel.send(encode_ack(msg.channel.number, msg.delivery_tag))
         except TransportError as exc:

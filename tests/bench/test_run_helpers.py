@@ -130,3 +130,43 @@ def test_the_report_lists_every_rounds_ratio() -> None:
         "publish: choreo / faststream",
         "CPU µs/msg: choreo / faststream",
     ]
+
+
+# --instructions ---------------------------------------------------------------------------------
+def test_per_message_leaves_the_fixed_costs_out() -> None:
+    assert run.per_message((1000, 5_000_000 + 1000 * 300), (4000, 5_000_000 + 4000 * 300)) == 300
+    with pytest.raises(ValueError, match="more messages"):
+        run.per_message((4000, 1), (1000, 2))
+
+
+needs_valgrind = pytest.mark.skipif(run.shutil.which("valgrind") is None, reason="valgrind is not installed")
+
+
+@needs_valgrind
+def test_callgrind_counts_what_the_command_executes() -> None:
+    """A loop of n iterations, at two sizes: the per-iteration count is the loop's bytecode,
+    tens of instructions, not zero and not the interpreter's start-up."""
+
+    def loop(n: int) -> list[str]:
+        return [sys.executable, "-S", "-c", f"for i in range({n}): pass"]
+
+    counts = [(n, run.callgrind_instructions(loop(n), env={}, timeout=120)) for n in (1000, 51000)]
+    assert 10 < run.per_message(counts[0], counts[1]) < 1000
+
+
+@needs_valgrind
+def test_a_failing_command_under_callgrind_is_a_step_error() -> None:
+    with pytest.raises(run.StepError, match="exited 3"):
+        run.callgrind_instructions([sys.executable, "-S", "-c", "raise SystemExit(3)"], env={}, timeout=120)
+
+
+def test_load_counts_steal_apart_from_other_processes() -> None:
+    """Steal is the hypervisor's, not another process's: over 10 s, 4 s busy of which 1 s is
+    ours and 1 s the broker's leaves 2 s to others; 3 s stolen is reported on its own."""
+    a = run.LoadSnapshot(busy_s=100.0, ours_s=10.0, broker_s=20.0, at=0.0, steal_s=50.0)
+    b = run.LoadSnapshot(busy_s=104.0, ours_s=11.0, broker_s=21.0, at=10.0, steal_s=53.0)
+    load = run.LoadMeter.between(a, b)
+    assert load["busy_cores"] == pytest.approx(0.4)
+    assert load["other_cores"] == pytest.approx(0.2)
+    assert load["steal_cores"] == pytest.approx(0.3)
+    assert "stolen by the hypervisor 0.30" in run.load_text(load)

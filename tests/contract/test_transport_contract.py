@@ -15,7 +15,7 @@ import pytest
 from choreo.errors import PublishNotConfirmed, TopologyError, TransportError
 from choreo.testing import wait_for
 from choreo.topology import Naming, QueueSpec, Topology, agent_topology
-from choreo.transport import Delivery, OutgoingMessage, Transport
+from choreo.transport import Delivery, OutgoingMessage, Subscription, Transport
 
 TransportFactory = Callable[[], Awaitable[Transport]]
 
@@ -277,18 +277,25 @@ async def test_declaring_an_existing_queue_with_another_delivery_limit_names_the
     await depth_is(transport, naming.agent_queues("conflict").main, 1)
 
 
+async def hoard(
+    transport: Transport, naming: Naming, suffix: str, count: int
+) -> tuple[QueueSpec, Collector, Subscription]:
+    """A queue holding ``count`` messages, all delivered to a consumer that settles none."""
+    queue = plain_queue(naming, suffix, "a.b")
+    await transport.declare(Topology(naming.exchange, (queue,)))
+    for i in range(count):
+        await transport.publish(message(naming, "a.b", f"m{i}".encode()))
+    hoarder = Collector(ack=False)
+    subscription = await transport.subscribe(queue.name, hoarder, prefetch=10)
+    await wait_for(lambda: len(hoarder.deliveries) == count, what=f"{count} unacked deliveries")
+    return queue, hoarder, subscription
+
+
 async def test_closing_a_connection_returns_its_unacked_deliveries(
     transport_factory: TransportFactory, naming: Naming
 ) -> None:
     first = await transport_factory()
-    queue = plain_queue(naming, "return", "a.b")
-    await first.declare(Topology(naming.exchange, (queue,)))
-    for i in range(3):
-        await first.publish(message(naming, "a.b", f"m{i}".encode()))
-
-    hoarder = Collector(ack=False)
-    await first.subscribe(queue.name, hoarder, prefetch=10)
-    await wait_for(lambda: len(hoarder.deliveries) == 3, what="three unacked deliveries")
+    queue, _, _ = await hoard(first, naming, "return", 3)
     assert await first.queue_depth(queue.name) == 0
     await first.close()
 
@@ -306,13 +313,7 @@ async def test_deliveries_unacked_when_their_subscription_was_cancelled_return_w
     """A cancelled consumer's deliveries stay unacked (a stopping worker may still settle
     them); those it never settles come back with the connection, as RabbitMQ does."""
     first = await transport_factory()
-    queue = plain_queue(naming, "cancelreturn", "a.b")
-    await first.declare(Topology(naming.exchange, (queue,)))
-    for i in range(2):
-        await first.publish(message(naming, "a.b", f"m{i}".encode()))
-    hoarder = Collector(ack=False)
-    subscription = await first.subscribe(queue.name, hoarder, prefetch=10)
-    await wait_for(lambda: len(hoarder.deliveries) == 2, what="two unacked deliveries")
+    queue, hoarder, subscription = await hoard(first, naming, "cancelreturn", 2)
     await subscription.cancel()
     await hoarder.deliveries[0].ack()  # still valid after the cancel
     await first.close()
@@ -328,13 +329,7 @@ async def test_deliveries_unacked_when_their_subscription_was_cancelled_return_w
 async def test_closing_a_subscription_sends_its_acks_and_returns_the_rest_on_an_open_connection(
     transport: Transport, naming: Naming
 ) -> None:
-    queue = plain_queue(naming, "subclose", "a.b")
-    await transport.declare(Topology(naming.exchange, (queue,)))
-    for i in range(3):
-        await transport.publish(message(naming, "a.b", f"m{i}".encode()))
-    hoarder = Collector(ack=False)
-    subscription = await transport.subscribe(queue.name, hoarder, prefetch=10)
-    await wait_for(lambda: len(hoarder.deliveries) == 3, what="three unacked deliveries")
+    queue, hoarder, subscription = await hoard(transport, naming, "subclose", 3)
     await hoarder.deliveries[1].ack()
     await subscription.close()
     await depth_is(transport, queue.name, 2)  # the acked one is gone, the other two are back

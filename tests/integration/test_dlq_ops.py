@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import re
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -165,8 +166,12 @@ async def fill_dlq(transport: RabbitMQTransport, settings: Settings, reasons: li
     return dlq
 
 
+_last_depth: dict[str, int] = {}  # what _depth_is read last, for the failure message
+
+
 async def _depth_is(transport: RabbitMQTransport, queue: str, depth: int) -> bool:
-    return await transport.queue_depth(queue) == depth
+    _last_depth[queue] = await transport.queue_depth(queue)
+    return _last_depth[queue] == depth
 
 
 async def test_purge_of_many_dead_letters_deletes_every_one(
@@ -190,7 +195,10 @@ async def test_purge_by_reason_deletes_exactly_the_matching_ones(
     code, out, err = await run_choreo(settings, amqp_url, "dlq", "purge", "operated", "--reason", "malformed", "--yes")
     assert code == 0, out + err
     assert "purged 300" in out
-    await wait_for(lambda: _depth_is(transport, dlq, 300), within=10, what="the 300 kept back in the DLQ")
+    try:
+        await wait_for(lambda: _depth_is(transport, dlq, 300), within=20, what="the 300 kept back in the DLQ")
+    except TimeoutError as exc:  # say what the queue held: 600 means acks were lost, 0 the nacks
+        raise AssertionError(f"{exc}; the DLQ held {_last_depth.get(dlq)} ready messages") from None
     left = await peek(transport, dlq)
     assert {dead.reason for dead in left} == {"signature"}
     assert len(left) == 300
@@ -230,5 +238,7 @@ async def test_replay_without_a_terminal_prints_progress_lines(
     code, out, err = await run_choreo(settings, amqp_url, "dlq", "replay", "operated", "--dry-run")
     assert code == 0, out + err
     assert "would replay 2100" in out
-    assert "operated: fetched 1000/2100" in err  # the fetch phase shows progress too
-    assert "operated: scanned 1000/2100" in err
+    # A line every 1000 messages or 2 seconds, whichever comes first: which counts appear
+    # depends on the machine's speed (tests/unit/test_dlq_progress.py pins the rule down).
+    assert re.search(r"^operated: fetched \d+/2100$", err, re.MULTILINE), err  # the fetch phase too
+    assert re.search(r"^operated: scanned \d+/2100, matched \d+, replayed 0$", err, re.MULTILINE), err

@@ -76,6 +76,33 @@ def test_tables_encode_byte_for_byte_as_pamqp_except_floats_which_stay_doubles()
     assert decoded == {"double": 0.1}  # exact: a 32-bit float would read back 0.10000000149...
 
 
+def test_tables_with_more_header_names_than_are_kept_still_encode_as_pamqp() -> None:
+    """Encoded header names are kept for reuse, but only up to a bound: names past it (any
+    sender can make them up) are encoded each time, the same bytes either way."""
+    for start in range(0, 3 * frames._NAMES_KEPT, 100):
+        table = {f"x-made-up-{i}": f"v{i}" for i in range(start, start + 100)}
+        assert frames.encode_table(table) == pamqp.encode.field_table(table)
+    assert len(frames._NAMES) <= frames._NAMES_KEPT
+    table = {"x-made-up-0": "again", "x-made-up-2999": 7}  # kept and not kept, reused
+    assert frames.encode_table(table) == pamqp.encode.field_table(table)
+
+
+@pytest.mark.parametrize(
+    "props",
+    [
+        frames.Properties(headers={"k" * 256: "v"}),
+        frames.Properties(headers={"é" * 128: "v"}),  # 256 bytes in UTF-8
+        frames.Properties(message_id="m" * 256),
+        frames.Properties(correlation_id="c" * 300),
+        frames.Properties(type="é" * 200),
+    ],
+    ids=["header-name", "header-name-utf8", "message-id", "correlation-id", "type-utf8"],
+)
+def test_short_strings_past_255_bytes_are_refused(props: frames.Properties) -> None:
+    with pytest.raises(TypeError, match="longer than 255 bytes"):
+        frames.encode_properties(props)
+
+
 def test_a_long_string_that_is_not_utf8_decodes_to_bytes() -> None:
     raw = b"\x00\x00\x00\x0a\x01kS\x00\x00\x00\x03\xff\xfe\x01"
     assert frames.decode_table(raw, 0)[0] == {"k": b"\xff\xfe\x01"}

@@ -121,6 +121,8 @@ def test_envelope_is_frozen() -> None:
         (datetime(2026, 11, 20, 10, 0, 0, 999999, tzinfo=UTC), "2026-11-20T10:00:00.999Z"),
         (datetime(2026, 11, 20, 12, 0, 0, 5000, tzinfo=timezone(timedelta(hours=2))), "2026-11-20T10:00:00.005Z"),
         (datetime(2026, 1, 1, 0, 30, tzinfo=timezone(timedelta(hours=1))), "2025-12-31T23:30:00.000Z"),
+        (datetime(5, 3, 4, 5, 6, 7, 8000, tzinfo=UTC), "0005-03-04T05:06:07.008Z"),
+        (datetime(2026, 11, 20, 10, 0, 0, 1000, tzinfo=timezone(timedelta(0), "Z")), "2026-11-20T10:00:00.001Z"),
     ],
 )
 def test_format_timestamp_is_rfc3339_utc_with_z_and_milliseconds(moment: datetime, expected: str) -> None:

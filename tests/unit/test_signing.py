@@ -323,12 +323,47 @@ def test_non_hex_signature_is_rejected(keyring: Keyring, body: bytes, signature:
         keyring.verify(body, with_header(keyring.sign(body), SIG_HEADER, signature))
 
 
-def test_signature_with_embedded_whitespace_is_rejected(body: bytes) -> None:
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        lambda sig: " ".join(sig[i : i + 2] for i in range(0, len(sig), 2)),
+        lambda sig: sig + "\n",
+        lambda sig: " " + sig,
+        lambda sig: sig[:32] + "\t" + sig[32:],
+    ],
+    ids=["spaced-pairs", "trailing-newline", "leading-space", "tab"],
+)
+def test_signature_with_whitespace_is_rejected(body: bytes, spoil: Any) -> None:
+    """bytes.fromhex would read each of these as the right signature: the header must be hex
+    digits only."""
     keyring = hmac_keyring()
     headers = keyring.sign(body)
-    spaced = " ".join(headers[SIG_HEADER][i : i + 2] for i in range(0, 64, 2))
-    with pytest.raises(SignatureInvalid):
-        keyring.verify(body, with_header(headers, SIG_HEADER, spaced))
+    spoiled = spoil(headers[SIG_HEADER])
+    assert bytes.fromhex(spoiled) == bytes.fromhex(headers[SIG_HEADER])
+    with pytest.raises(SignatureInvalid, match="not hex"):
+        keyring.verify(body, with_header(headers, SIG_HEADER, spoiled))
+
+
+def test_uppercase_hex_signature_is_accepted(body: bytes) -> None:
+    keyring = hmac_keyring()
+    headers = keyring.sign(body)
+    keyring.verify(body, with_header(headers, SIG_HEADER, headers[SIG_HEADER].upper()))
+
+
+@pytest.mark.parametrize("key_length", [1, 32, 63, 64, 65, 200])
+@pytest.mark.parametrize("body_length", [0, 1, 55, 64, 453, 5000])
+def test_hmac_matches_the_standard_library(key_length: int, body_length: int) -> None:
+    """The pre-keyed states give RFC 2104 HMAC-SHA256, including keys longer than a block
+    (hashed first) and bodies of any length."""
+    secret = bytes(range(256))[:key_length] if key_length <= 256 else b""
+    secret = (secret * 2)[:key_length]
+    body = (b"choreo-" * 1000)[:body_length]
+    key = HmacKey("k", secret)
+    assert key.mac(body) == hmac.digest(secret, body, hashlib.sha256)
+    assert key.sign(body) == hmac.new(secret, body, hashlib.sha256).hexdigest()
+    # Copies of the keyed states: a second message is not hashed on top of the first.
+    assert key.mac(body + b"x") == hmac.digest(secret, body + b"x", hashlib.sha256)
+    assert key.mac(body) == hmac.digest(secret, body, hashlib.sha256)
 
 
 @pytest.mark.parametrize("length", [0, 1, 31, 33, 63, 65])
@@ -599,3 +634,19 @@ def test_a_key_id_given_twice_is_a_configuration_error() -> None:
         "hmac-sha256:k0",
         "hmac-sha256:k1",
     ]
+
+
+def test_hmac_keys_pickle_deep_copy_and_expose_their_type_hints(body: bytes) -> None:
+    """The pre-keyed hash states are rebuilt from the secret: a copied keyring (multiprocessing,
+    copy.deepcopy of settings) still signs and verifies."""
+    import copy
+    import pickle
+    import typing
+
+    key = HmacKey("k", b"secret")
+    for clone in (pickle.loads(pickle.dumps(key)), copy.deepcopy(key), copy.copy(key)):
+        assert clone == key
+        assert clone.sign(body) == key.sign(body)
+    keyring = Keyring.hmac(("k", "secret"))
+    copy.deepcopy(keyring).verify(body, keyring.sign(body))
+    assert "secret" in typing.get_type_hints(HmacKey)

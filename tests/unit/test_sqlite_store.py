@@ -37,8 +37,12 @@ async def test_complete_returns_only_after_the_commit_and_a_cancelled_caller_doe
     try:
         for key in ("a", "b", "c"):
             assert await store.claim("agent", key, lease_s=30) == "claimed"
+
         # Three completions in one turn; one of their callers is cancelled while it waits.
-        tasks = [asyncio.create_task(store.complete("agent", key)) for key in ("a", "b", "c")]
+        async def caller(key: str) -> None:
+            await store.complete("agent", key)
+
+        tasks = [asyncio.create_task(caller(key)) for key in ("a", "b", "c")]
         await asyncio.sleep(0)  # all three ran their update and wait for the commit
         assert not any(committed_done(path, "agent", k) for k in ("a", "b", "c"))
         tasks[1].cancel()
@@ -322,7 +326,7 @@ async def test_with_a_window_completions_ride_on_the_next_claims_commit(tmp_path
     path = tmp_path / "dedup.sqlite3"
     async with windowed(path) as store:
         await claimed(store, "a")
-        completing = asyncio.create_task(store.complete("agent", "a"))
+        completing = asyncio.ensure_future(store.complete("agent", "a"))
         await turns()
         assert not completing.done()  # waiting for company, not committed yet
         assert not committed_done(path, "agent", "a")
@@ -345,7 +349,7 @@ async def test_closing_the_store_commits_completions_still_in_their_window(tmp_p
     path = tmp_path / "dedup.sqlite3"
     async with windowed(path) as store:
         await claimed(store, "a")
-        completing = asyncio.create_task(store.complete("agent", "a"))
+        completing = asyncio.ensure_future(store.complete("agent", "a"))
         await asyncio.sleep(0)
     await completing  # the store closed (leaving the block) with the mark still waiting
     assert committed_done(path, "agent", "a")
@@ -376,7 +380,7 @@ async def test_a_batch_of_waiting_completions_commits_without_waiting_for_the_wi
     path = tmp_path / "dedup.sqlite3"
     async with windowed(path, batch=2) as store:
         await claimed(store, "a", "b")
-        first = asyncio.create_task(store.complete("agent", "a"))
+        first = asyncio.ensure_future(store.complete("agent", "a"))
         await turns()
         assert not first.done()  # one of two: waiting
         async with asyncio.timeout(5):
@@ -388,7 +392,7 @@ async def test_any_other_write_brings_a_waiting_completion_forward(tmp_path: Pat
     path = tmp_path / "dedup.sqlite3"
     async with windowed(path) as store:
         await claimed(store, "a", "b")
-        completing = asyncio.create_task(store.complete("agent", "a"))
+        completing = asyncio.ensure_future(store.complete("agent", "a"))
         await asyncio.sleep(0)
         await store.release("agent", "b")  # runs at once in this turn's transaction
         async with asyncio.timeout(5):

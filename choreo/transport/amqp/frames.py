@@ -291,14 +291,36 @@ def encode_table(table: dict[str, Any] | None) -> bytes:
     """A field table, keys in sorted order (as pamqp writes them)."""
     if not table:
         return b"\x00\x00\x00\x00"
-    parts = []
+    parts: list[bytes] = []
     for key in sorted(table):
-        raw = key.encode()
-        if len(raw) > 255:
-            raise TypeError(f"header name longer than 255 bytes: {key[:40]!r}...")
-        parts.append(bytes((len(raw),)) + raw + _encode_value(table[key]))
+        name = _NAMES.get(key)
+        if name is None:
+            name = _shortstr_bytes(key, "header name")
+            if len(_NAMES) < _NAMES_KEPT:
+                _NAMES[key] = name
+        value = table[key]
+        if type(value) is str:  # nearly every header: no call for it
+            raw = value.encode()
+            parts += (name, b"S", U32.pack(len(raw)), raw)
+        else:
+            parts += (name, _encode_value(value))
     body = b"".join(parts)
     return U32.pack(len(body)) + body
+
+
+# Header names repeat on every message: their encoded form is kept, up to a bound (any
+# sender can make up names).
+_NAMES: dict[str, bytes] = {}
+_NAMES_KEPT = 1024
+_LENGTH = [bytes((n,)) for n in range(256)]
+
+
+def _shortstr_bytes(value: str, what: str = "AMQP short string") -> bytes:
+    """``value`` as an AMQP short string: its length byte, then its UTF-8 bytes."""
+    raw = value.encode()
+    if len(raw) > 255:
+        raise TypeError(f"{what} longer than 255 bytes: {value[:40]!r}...")
+    return _LENGTH[len(raw)] + raw
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,24 +393,16 @@ def decode_properties(buf: bytes | bytearray, off: int) -> Properties:  # noqa: 
     return props
 
 
-def _put_shortstr(parts: list[bytes], value: str) -> None:
-    raw = value.encode()
-    if len(raw) > 255:
-        raise TypeError(f"AMQP short string longer than 255 bytes: {value[:40]!r}...")
-    parts.append(bytes((len(raw),)))
-    parts.append(raw)
-
-
 def encode_properties(props: Properties) -> bytes:
     """Property flags and list, as they follow the body size in a content header."""
     flags = 0
     parts: list[bytes] = [b""]
     if props.content_type is not None:
         flags |= 0x8000
-        _put_shortstr(parts, props.content_type)
+        parts.append(_shortstr_bytes(props.content_type))
     if props.content_encoding is not None:
         flags |= 0x4000
-        _put_shortstr(parts, props.content_encoding)
+        parts.append(_shortstr_bytes(props.content_encoding))
     if props.headers is not None:
         flags |= 0x2000
         parts.append(encode_table(props.headers))
@@ -400,31 +414,31 @@ def encode_properties(props: Properties) -> bytes:
         parts.append(bytes((props.priority,)))
     if props.correlation_id is not None:
         flags |= 0x0400
-        _put_shortstr(parts, props.correlation_id)
+        parts.append(_shortstr_bytes(props.correlation_id))
     if props.reply_to is not None:
         flags |= 0x0200
-        _put_shortstr(parts, props.reply_to)
+        parts.append(_shortstr_bytes(props.reply_to))
     if props.expiration is not None:
         flags |= 0x0100
-        _put_shortstr(parts, props.expiration)
+        parts.append(_shortstr_bytes(props.expiration))
     if props.message_id is not None:
         flags |= 0x0080
-        _put_shortstr(parts, props.message_id)
+        parts.append(_shortstr_bytes(props.message_id))
     if props.timestamp is not None:
         flags |= 0x0040
         parts.append(U64.pack(props.timestamp))
     if props.type is not None:
         flags |= 0x0020
-        _put_shortstr(parts, props.type)
+        parts.append(_shortstr_bytes(props.type))
     if props.user_id is not None:
         flags |= 0x0010
-        _put_shortstr(parts, props.user_id)
+        parts.append(_shortstr_bytes(props.user_id))
     if props.app_id is not None:
         flags |= 0x0008
-        _put_shortstr(parts, props.app_id)
+        parts.append(_shortstr_bytes(props.app_id))
     if props.cluster_id is not None:
         flags |= 0x0004
-        _put_shortstr(parts, props.cluster_id)
+        parts.append(_shortstr_bytes(props.cluster_id))
     parts[0] = U16.pack(flags)
     return b"".join(parts)
 
