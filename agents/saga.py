@@ -12,7 +12,7 @@ import collections
 import contextlib
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -231,10 +231,19 @@ class SagaRun:
         await self.worker.stop()
 
     async def publish_all(
-        self, *, duplicate_every: int = 20, inject_bad: bool = True, window: int = 100, rate: float | None = None
+        self,
+        *,
+        duplicate_every: int = 20,
+        inject_bad: bool = True,
+        window: int = 100,
+        rate: float | None = None,
+        before_window: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
         """Publish every plan's order (in confirmed windows), some duplicates and bad messages.
         ``rate`` (orders per second) paces the windows; by default they go as fast as confirmed.
+        ``before_window(start)`` is awaited before the window that begins at order ``start``, so
+        a test can hold the rest of the run back until something has happened (pacing resumes
+        from there, without a burst to catch up).
 
         A publish the broker did not confirm (connections dropped mid-run) is sent again with
         the same envelope: at-least-once from the shop, exactly-once effects through dedup.
@@ -245,6 +254,10 @@ class SagaRun:
         ]
         began = time.monotonic()
         for start in range(0, len(envelopes), window):
+            if before_window is not None:
+                held_from = time.monotonic()
+                await before_window(start)
+                began += time.monotonic() - held_from
             if rate:
                 await asyncio.sleep(max(0.0, began + start / rate - time.monotonic()))
             batch = list(zip(self.plans[start : start + window], envelopes[start : start + window], strict=True))
