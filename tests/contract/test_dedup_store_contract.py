@@ -145,13 +145,14 @@ async def test_an_extended_lease_is_not_taken_over(store_factory: StoreFactory) 
     holder, other = await opened(store_factory), await opened(store_factory)
     loop = asyncio.get_running_loop()
     start = loop.time()
-    claim = await holder.begin("a", "k", lease_s=0.4)
+    claim = await holder.begin("a", "k", lease_s=0.6)
     assert claim.status == "claimed"
-    # Renew every 0.3 s for three original leases; the other replica never gets the key.
-    for tick in range(1, 5):
+    # Renew every 0.3 s for three original leases; the other replica never gets the key. Each
+    # lease outlives the next renewal by 0.3 s, so a loaded machine's stall does not end it.
+    for tick in range(1, 7):
         await wait_for(lambda t=tick: loop.time() >= start + 0.3 * t, within=2, what="the next renewal")
         assert await other.claim("a", "k", lease_s=30) == "busy"
-        await claim.extend(0.4)
+        await claim.extend(0.6)
     await claim.complete()
     assert await other.claim("a", "k", lease_s=30) == "done"
 
