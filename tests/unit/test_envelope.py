@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 import time
 import uuid
@@ -363,6 +364,23 @@ def test_derived_id_is_fixed_forever() -> None:
     namespace = uuid.UUID("6f1c3b1e-6d1a-4c8e-9a57-63686f72656f")
     expected = str(uuid.uuid5(namespace, "e-1\x1fbilling\x1fpayment.captured\x1f0"))
     assert derived_id("e-1", "billing", "payment.captured", 0) == expected
+
+
+def test_derived_id_is_uuid5_for_any_input() -> None:
+    """Built on bytes, not with uuid.uuid5: the two agree, non-ASCII names and every byte
+    value of the version and variant positions included."""
+    namespace = uuid.UUID("6f1c3b1e-6d1a-4c8e-9a57-63686f72656f")
+    rng = random.Random(7)
+    for n in range(5000):
+        handled = str(uuid.UUID(int=rng.getrandbits(128))) if n % 2 else f"e-{n}-\u00e9\u4e2d\U0001f600"
+        agent, event_type, ordinal = f"agent-{n % 7}", f"t.{n % 11}", n % 13
+        expected = str(uuid.uuid5(namespace, f"{handled}\x1f{agent}\x1f{event_type}\x1f{ordinal}"))
+        assert derived_id(handled, agent, event_type, ordinal) == expected
+
+
+def test_derived_id_refuses_a_lone_surrogate_as_uuid5_does() -> None:
+    with pytest.raises(UnicodeEncodeError):
+        derived_id("e-\ud800", "billing", "payment.captured", 0)
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ from choreo.log import debug_enabled, merge_message_fields
 from choreo.observability import tracing
 from choreo.observability.heartbeat import LatencyWindow, collect, control_exchange
 from choreo.observability.metrics import METRIC_NAMES, Metrics
-from choreo.publisher import new_envelope, to_message
+from choreo.publisher import new_envelope, to_message, traceparent
 from choreo.testing import wait_for
 from choreo.transport import InMemoryBroker, InMemoryTransport
 
@@ -331,3 +331,15 @@ async def test_one_saga_is_one_trace_with_parent_links(spans: InMemorySpanExport
             assert by_id[handle.parent.span_id].kind is SpanKind.CONSUMER
         assert publishes
     assert all_agents == {"inventory", "payments", "shipping", "orders", "auditor"}
+
+
+def test_traceparent_is_w3c_with_a_fresh_parent_id() -> None:
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    values = [traceparent(trace_id) for _ in range(200)]
+    assert all(re.fullmatch(rf"00-{trace_id}-[0-9a-f]{{16}}-01", v) for v in values), values[:3]
+    assert len(set(values)) == 200
+
+
+def test_traceparent_never_has_the_invalid_all_zero_parent_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("choreo.publisher._getrandbits", lambda bits: 0)
+    assert traceparent("4bf92f3577b34da6a3ce929d0e0e4736").split("-")[2] == "0000000000000001"
