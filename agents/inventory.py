@@ -26,7 +26,7 @@ class InventoryDB(AgentDB):
         items INTEGER NOT NULL,
         decided_by TEXT NOT NULL,
         released_by TEXT
-    );
+    ) WITHOUT ROWID;
     """
 
 

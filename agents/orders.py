@@ -43,7 +43,7 @@ class OrdersDB(AgentDB):
         refunded INTEGER NOT NULL DEFAULT 0,
         outcome TEXT CHECK (outcome IN ('completed', 'cancelled')),
         decided_by TEXT
-    );
+    ) WITHOUT ROWID;
     """
 
 

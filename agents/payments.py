@@ -24,7 +24,7 @@ class PaymentsDB(AgentDB):
         currency TEXT NOT NULL,
         decided_by TEXT NOT NULL,
         refunded_by TEXT
-    );
+    ) WITHOUT ROWID;
     """
 
 

@@ -18,7 +18,7 @@ class ShippingDB(AgentDB):
         status TEXT NOT NULL CHECK (status IN ('scheduled', 'failed')),
         country TEXT NOT NULL,
         decided_by TEXT NOT NULL
-    );
+    ) WITHOUT ROWID;
     """
 
 
