@@ -20,7 +20,7 @@ from .observability import tracing as otel
 from .signing import Keyring
 from .transport.base import HeaderValue, OutgoingMessage, Transport
 
-__all__ = ["Publisher", "new_envelope", "publish_traced", "to_message"]
+__all__ = ["Publisher", "new_envelope", "publish_traced", "signed_message", "to_message"]
 
 
 def traceparent(trace_id: str) -> str:
@@ -47,18 +47,44 @@ def to_message(
     staleness themselves first and dead-letter it as ``expired`` with the fault headers; what the
     broker expires reaches the DLQ too, with RabbitMQ's ``x-death`` header.
     """
-    body = envelope.encode() if body is None else body  # ``body``: bytes already encoded (outbox)
+    return signed_message(
+        envelope.encode() if body is None else body,  # ``body``: bytes already encoded (outbox)
+        keyring,
+        exchange,
+        event_type=envelope.type,
+        event_id=envelope.id,
+        correlation_id=envelope.effective_correlation_id,
+        trace_id=envelope.trace_id,
+        ttl_ms=envelope.ttl_ms,
+        expiration_slack_ms=expiration_slack_ms,
+    )
+
+
+def signed_message(
+    body: bytes,
+    keyring: Keyring,
+    exchange: str,
+    *,
+    event_type: str,
+    event_id: str,
+    correlation_id: str,
+    trace_id: str,
+    ttl_ms: int | None,
+    expiration_slack_ms: int = 0,
+) -> OutgoingMessage:
+    """:func:`to_message` for an envelope already encoded as ``body``, given the fields the
+    message's properties repeat (``correlation_id``: the effective one)."""
     headers: dict[str, HeaderValue] = dict(keyring.sign(body))
-    headers["traceparent"] = traceparent(envelope.trace_id)
+    headers["traceparent"] = traceparent(trace_id)
     return OutgoingMessage(
         exchange=exchange,
-        routing_key=envelope.type,
+        routing_key=event_type,
         body=body,
         headers=headers,
-        message_id=_property(envelope.id),
-        correlation_id=_property(envelope.effective_correlation_id),
-        type=envelope.type,
-        expiration_ms=envelope.ttl_ms + expiration_slack_ms if envelope.ttl_ms is not None else None,
+        message_id=_property(event_id),
+        correlation_id=_property(correlation_id),
+        type=event_type,
+        expiration_ms=ttl_ms + expiration_slack_ms if ttl_ms is not None else None,
     )
 
 

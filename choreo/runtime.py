@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
+from . import codec
 from .agent import Agent, AgentEnv, Context, Failure, HandlerSpec, emitted_events
 from .config import Settings
-from .envelope import Envelope, format_timestamp, parse_envelope
+from .envelope import Envelope, format_timestamp, parse_envelope, wire_fields
 from .errors import (
     ConfigError,
     EventExpired,
@@ -46,7 +47,7 @@ from .log import debug_enabled, get_logger, message_fields, reset_message_fields
 from .observability import tracing as otel
 from .observability.heartbeat import LatencyWindow
 from .observability.metrics import AgentMetrics, Metrics
-from .publisher import to_message
+from .publisher import signed_message
 from .retry import Deadlines, run_with_retries
 from .signing import ALG_HEADER, KID_HEADER, SIG_HEADER
 from .stores import dedup_store_for
@@ -640,31 +641,44 @@ class AgentRuntime(Generic[S]):
         events = emitted_events(result)
         if not events:  # the common case of a handler that only acts: no clock, no counter
             return []
-        now = datetime.now(UTC)
+        issued_at = format_timestamp(datetime.now(UTC))
         ordinals: collections.Counter[str] = collections.Counter()
+        agent, settings = self.agent.name, self.settings
+        correlation_id = parent.effective_correlation_id
         messages = []
         for item in events:
             event_type = item.event_type()
             ordinal = ordinals[event_type]
             ordinals[event_type] += 1
-            envelope = Envelope.model_construct(
-                id=derived_id(parent.id, self.agent.name, event_type, ordinal),
-                type=event_type,
-                source=self.agent.name,
-                issued_at=now,
-                trace_id=parent.trace_id,
-                causation_id=parent.id,
-                correlation_id=parent.effective_correlation_id,
-                dedup_key=None,
-                ttl_ms=type(item).__event_ttl_ms__,
-                payload=item.model_dump(mode="json"),
+            event_id = derived_id(parent.id, agent, event_type, ordinal)
+            ttl_ms = type(item).__event_ttl_ms__
+            # Encoded from its parts: every one is choreo's own or already checked (the type
+            # by Event's class definition), so no Envelope is built just to be encoded.
+            body = codec.dumps(
+                wire_fields(
+                    id=event_id,
+                    type=event_type,
+                    source=agent,
+                    issued_at=issued_at,
+                    trace_id=parent.trace_id,
+                    causation_id=parent.id,
+                    correlation_id=correlation_id,
+                    dedup_key=None,
+                    ttl_ms=ttl_ms,
+                    payload=item.model_dump(mode="json"),
+                )
             )
             messages.append(
-                to_message(
-                    envelope,
-                    self.settings.keyring,
-                    self.settings.naming.exchange,
-                    expiration_slack_ms=self.settings.clock_skew_ms,
+                signed_message(
+                    body,
+                    settings.keyring,
+                    settings.naming.exchange,
+                    event_type=event_type,
+                    event_id=event_id,
+                    correlation_id=correlation_id,
+                    trace_id=parent.trace_id,
+                    ttl_ms=ttl_ms,
+                    expiration_slack_ms=settings.clock_skew_ms,
                 )
             )
         return messages

@@ -15,10 +15,11 @@ import structlog
 
 import choreo
 from choreo import codec
-from choreo.envelope import Envelope, format_timestamp
+from choreo.envelope import Envelope, format_timestamp, parse_envelope
 from choreo.errors import HeadersNotSendable, PublishNotConfirmed, SignatureInvalid
 from choreo.ids import derived_id
 from choreo.publisher import new_envelope, to_message
+from choreo.runtime import AgentRuntime
 from choreo.signing import ALG_HEADER, KID_HEADER, SIG_HEADER, Keyring
 from choreo.stores.base import ClaimResult, DedupStore, LeaseStoreMixin
 from choreo.testing import wait_for
@@ -407,6 +408,54 @@ async def test_emitted_events_carry_causation_trace_correlation_and_deterministi
     # A different keyring does not accept the emitted signature: it really is the settings' key.
     with pytest.raises(SignatureInvalid):
         Keyring.hmac(("k1", "someone-else")).verify(deliveries[0].body, deliveries[0].headers)
+
+
+class Expiring(choreo.Event, type="t.expiring", ttl_ms=30_000):
+    text: str
+
+
+@pytest.mark.parametrize("correlation_id", [None, "saga-7"])
+async def test_emitted_messages_are_what_to_message_makes_of_their_own_envelopes(
+    mem: InMemoryTransport, settings: choreo.Settings, correlation_id: str | None
+) -> None:
+    """Emitted events are encoded from their parts, without an Envelope: each must be a valid
+    v1 envelope and, message for message, what to_message makes of it (body bytes, signature,
+    properties, expiration), so both ways of publishing put the same thing on the wire."""
+    agent: choreo.Agent[None] = choreo.Agent("emitter")
+    runtime = AgentRuntime(agent, mem, settings)
+    parent = new_envelope("t.ping", {"n": 1}, source="test", correlation_id=correlation_id)
+    result = [Pong(n=2), Expiring(text="caf\u00e9 \U0001f600"), Pong(n=3)]
+    messages = runtime._emitted_messages(parent, result)
+    assert [m.routing_key for m in messages] == ["t.pong", "t.expiring", "t.pong"]
+    for message, ordinal in zip(messages, (0, 0, 1), strict=True):
+        envelope = parse_envelope(message.body)  # validates: a well-formed v1 envelope
+        assert envelope.id == derived_id(parent.id, "emitter", envelope.type, ordinal)
+        assert (envelope.source, envelope.causation_id, envelope.trace_id, envelope.dedup_key) == (
+            "emitter",
+            parent.id,
+            parent.trace_id,
+            None,
+        )
+        assert envelope.correlation_id == (correlation_id or parent.id)
+        assert envelope.ttl_ms == (30_000 if envelope.type == "t.expiring" else None)
+        assert abs(envelope.issued_at - datetime.now(UTC)) < timedelta(seconds=60)
+        expected = to_message(
+            envelope, settings.keyring, settings.naming.exchange, expiration_slack_ms=settings.clock_skew_ms
+        )
+        assert message.body == expected.body
+        assert {k: v for k, v in message.headers.items() if k != "traceparent"} == {
+            k: v for k, v in expected.headers.items() if k != "traceparent"
+        }
+        assert str(message.headers["traceparent"]).split("-")[1] == parent.trace_id
+        assert dataclasses.replace(message, headers={}) == dataclasses.replace(expected, headers={})
+    assert [parse_envelope(m.body).payload for m in messages] == [
+        {"n": 2},
+        {"text": "caf\u00e9 \U0001f600"},
+        {"n": 3},
+    ]
+    assert messages[1].expiration_ms == 30_000 + settings.clock_skew_ms
+    assert messages[0].expiration_ms is None
+    assert messages[0].correlation_id == (correlation_id or parent.id)
 
 
 async def test_a_handler_returning_a_list_emits_all_with_ordinals_per_type(
