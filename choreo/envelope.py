@@ -7,6 +7,7 @@ The body on the wire is authoritative; this model is how choreo reads and writes
 from __future__ import annotations
 
 import re
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
@@ -127,6 +128,22 @@ def wire_fields(
         "ttl_ms": ttl_ms,
         "payload": payload,
     }
+
+
+# A second since the epoch and its RFC 3339 text, as one tuple: threads never mix two seconds.
+_SECOND: list[tuple[int, str]] = [(-1, "")]
+
+
+def now_timestamp() -> str:
+    """``format_timestamp(datetime.now(UTC))``, a third of the cost: the text up to the
+    second is kept for the current second."""
+    now = time.time()
+    second = int(now)
+    cached, text = _SECOND[0]
+    if second != cached:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _SECOND[0] = (second, text)
+    return "%s.%03dZ" % (text, int((now - second) * 1000))  # noqa: UP031
 
 
 def format_timestamp(moment: datetime) -> str:

@@ -28,7 +28,7 @@ from typing import Any, Generic, TypeVar
 from . import codec
 from .agent import Agent, AgentEnv, Context, Failure, HandlerSpec, emitted_events
 from .config import Settings
-from .envelope import Envelope, format_timestamp, parse_envelope, wire_fields
+from .envelope import Envelope, format_timestamp, now_timestamp, parse_envelope, wire_fields
 from .errors import (
     ConfigError,
     EventExpired,
@@ -641,15 +641,18 @@ class AgentRuntime(Generic[S]):
         events = emitted_events(result)
         if not events:  # the common case of a handler that only acts: no clock, no counter
             return []
-        issued_at = format_timestamp(datetime.now(UTC))
-        ordinals: collections.Counter[str] = collections.Counter()
+        issued_at = now_timestamp()
+        # Ordinals count per type; a single event (the common case) is ordinal 0.
+        ordinals: collections.Counter[str] | None = collections.Counter() if len(events) > 1 else None
         agent, settings = self.agent.name, self.settings
         correlation_id = parent.effective_correlation_id
         messages = []
         for item in events:
             event_type = item.event_type()
-            ordinal = ordinals[event_type]
-            ordinals[event_type] += 1
+            ordinal = 0
+            if ordinals is not None:
+                ordinal = ordinals[event_type]
+                ordinals[event_type] += 1
             event_id = derived_id(parent.id, agent, event_type, ordinal)
             ttl_ms = type(item).__event_ttl_ms__
             # Encoded from its parts: every one is choreo's own or already checked (the type
@@ -665,7 +668,7 @@ class AgentRuntime(Generic[S]):
                     correlation_id=correlation_id,
                     dedup_key=None,
                     ttl_ms=ttl_ms,
-                    payload=item.model_dump(mode="json"),
+                    payload=item.to_payload(),
                 )
             )
             messages.append(

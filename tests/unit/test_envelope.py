@@ -10,10 +10,11 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from pydantic import Field
 
 import choreo
 from choreo import codec
-from choreo.envelope import TYPE_PATTERN, Envelope, format_timestamp, parse_envelope
+from choreo.envelope import TYPE_PATTERN, Envelope, format_timestamp, now_timestamp, parse_envelope
 from choreo.errors import ConfigError, MalformedMessage, SchemaInvalid
 from choreo.events import EventRegistry
 from choreo.ids import derived_id, new_trace_id, uuid7
@@ -130,6 +131,30 @@ def test_format_timestamp_is_rfc3339_utc_with_z_and_milliseconds(moment: datetim
     text = format_timestamp(moment)
     assert text == expected
     assert TIMESTAMP_RE.match(text)
+
+
+def test_now_timestamp_is_format_timestamp_of_now_across_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The text up to the second is kept per second; each call still has its own milliseconds,
+    and the next second (or an earlier one, the clock stepped back) gets its own text."""
+    base = 1_795_000_000  # 2026-11-17T...
+    clock = iter([base + 0.0004, base + 0.5004, base + 0.9994, base + 1.0004, base - 86_400 + 0.1234, base + 1.2504])
+    monkeypatch.setattr("choreo.envelope.time.time", lambda: next(clock))
+    texts = [now_timestamp() for _ in range(6)]
+    expected = [
+        format_timestamp(datetime.fromtimestamp(t, UTC))
+        for t in (base + 0.0004, base + 0.5004, base + 0.9994, base + 1.0004, base - 86_400 + 0.1234, base + 1.2504)
+    ]
+    assert texts == expected
+    assert all(TIMESTAMP_RE.match(text) for text in texts)
+
+
+def test_now_timestamp_is_now() -> None:
+    now = datetime.now(UTC)
+    before = now.replace(microsecond=now.microsecond // 1000 * 1000)  # the text has milliseconds
+    text = now_timestamp()
+    after = datetime.now(UTC)
+    parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    assert before - timedelta(milliseconds=1) <= parsed <= after
 
 
 def test_issued_at_is_encoded_as_utc_z_milliseconds() -> None:
@@ -470,6 +495,37 @@ def test_invalid_event_ttl_raises_config_error(ttl_ms: int) -> None:
 
         class Bad(choreo.Event, type="order.expiring", ttl_ms=ttl_ms):
             pass
+
+
+class Shipped(choreo.Event, type="order.shipped"):
+    order_id: str
+    at: datetime
+    items: list[dict[str, int]]
+    note: str | None = Field(default=None, alias="remark")
+    weight: float = 1.5
+
+
+class Customised(choreo.Event, type="order.customised"):
+    order_id: str
+
+    def model_dump(self, **kwargs: Any) -> dict[str, Any]:
+        return {"order_id": self.order_id.upper()}
+
+
+def test_to_payload_is_model_dump_in_json_mode() -> None:
+    event = Shipped(order_id="o-1", at=datetime(2026, 11, 20, 10, 0, tzinfo=UTC), items=[{"a": 1}], remark="x")
+    assert event.to_payload() == event.model_dump(mode="json")
+    assert event.to_payload() == {
+        "order_id": "o-1",
+        "at": "2026-11-20T10:00:00Z",
+        "items": [{"a": 1}],
+        "note": "x",
+        "weight": 1.5,
+    }
+
+
+def test_to_payload_honours_a_class_that_overrides_model_dump() -> None:
+    assert Customised(order_id="o-1").to_payload() == {"order_id": "O-1"}
 
 
 def test_from_payload_builds_an_instance() -> None:
