@@ -162,6 +162,9 @@ def format_timestamp(moment: datetime) -> str:
     )
 
 
+_VALIDATE_ENVELOPE = Envelope.__pydantic_validator__.validate_python
+
+
 def parse_envelope(body: bytes) -> Envelope:
     """Decode and validate ``body``.
 
@@ -169,10 +172,11 @@ def parse_envelope(body: bytes) -> Envelope:
     :class:`~choreo.errors.SchemaInvalid` if the object is not a v1 envelope.
     """
     data = codec.loads_object(body)
-    try:
-        return Envelope.model_validate(data)
+    try:  # model_validate without its Python-level argument handling
+        envelope: Envelope = _VALIDATE_ENVELOPE(data)
     except ValidationError as exc:
         raise SchemaInvalid(f"envelope: {describe_validation_error(exc)}") from exc
+    return envelope
 
 
 def describe_validation_error(exc: ValidationError, limit: int = 3) -> str:

@@ -20,6 +20,7 @@ from .errors import ConfigError, SchemaInvalid
 __all__ = ["Event", "EventRegistry"]
 
 _TYPE_RE = re.compile(TYPE_PATTERN)
+_MODEL_VALIDATE = BaseModel.model_validate.__func__  # type: ignore[attr-defined]
 
 
 class Event(BaseModel):
@@ -69,7 +70,11 @@ class Event(BaseModel):
     def from_payload(cls, payload: dict[str, Any]) -> Any:
         """Validate ``payload`` into an instance; raises :class:`SchemaInvalid` with a short reason."""
         try:
-            return cls.model_validate(payload)
+            # Straight to the pydantic-core validator (model_validate's own argument handling is
+            # an eighth of the cost), unless the class overrides model_validate.
+            if cls.model_validate.__func__ is not _MODEL_VALIDATE:  # type: ignore[attr-defined]
+                return cls.model_validate(payload)
+            return cls.__pydantic_validator__.validate_python(payload)
         except ValidationError as exc:
             raise SchemaInvalid(f"payload of {cls.event_type()}: {describe_validation_error(exc)}") from exc
         except Exception as exc:  # a custom validator raising anything else is still a bad payload

@@ -528,6 +528,18 @@ def test_to_payload_honours_a_class_that_overrides_model_dump() -> None:
     assert Customised(order_id="o-1").to_payload() == {"order_id": "O-1"}
 
 
+class Normalised(choreo.Event, type="order.normalised"):
+    order_id: str
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any) -> Normalised:
+        return super().model_validate({**obj, "order_id": str(obj["order_id"]).strip()}, **kwargs)
+
+
+def test_from_payload_honours_a_class_that_overrides_model_validate() -> None:
+    assert Normalised.from_payload({"order_id": "  o-1 "}).order_id == "o-1"
+
+
 def test_from_payload_builds_an_instance() -> None:
     event = OrderPlaced.from_payload({"order_id": "o-1", "quantity": 3})
     assert isinstance(event, OrderPlaced)
