@@ -10,7 +10,7 @@ from collections.abc import Awaitable
 from datetime import UTC, datetime
 from random import getrandbits as _getrandbits
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, cast
 
 from .config import Settings
 from .envelope import Envelope
@@ -27,7 +27,7 @@ def traceparent(trace_id: str) -> str:
     """W3C traceparent for a fresh span in ``trace_id``: a random, never all-zero parent id."""
     # A span id needs to be unique, not secret (OpenTelemetry's SDK draws it the same way);
     # os.urandom would be a system call per message. random reseeds itself in a forked child.
-    return f"00-{trace_id}-{_getrandbits(64) or 1:016x}-01"
+    return f"00-{trace_id}-{(_getrandbits(64) or 1).to_bytes(8).hex()}-01"
 
 
 def _property(value: str | None) -> str | None:
@@ -74,17 +74,18 @@ def signed_message(
 ) -> OutgoingMessage:
     """:func:`to_message` for an envelope already encoded as ``body``, given the fields the
     message's properties repeat (``correlation_id``: the effective one)."""
-    headers: dict[str, HeaderValue] = dict(keyring.sign(body))
+    headers = cast(dict[str, HeaderValue], keyring.sign(body))  # a fresh dict each time
     headers["traceparent"] = traceparent(trace_id)
+    # Positionally, in OutgoingMessage's field order: keywords cost 3.5k instructions a message.
     return OutgoingMessage(
-        exchange=exchange,
-        routing_key=event_type,
-        body=body,
-        headers=headers,
-        message_id=_property(event_id),
-        correlation_id=_property(correlation_id),
-        type=event_type,
-        expiration_ms=ttl_ms + expiration_slack_ms if ttl_ms is not None else None,
+        exchange,
+        event_type,  # the routing key
+        body,
+        headers,
+        event_id if len(event_id) <= 63 else _property(event_id),  # message_id
+        correlation_id if len(correlation_id) <= 63 else _property(correlation_id),
+        event_type,  # type
+        ttl_ms + expiration_slack_ms if ttl_ms is not None else None,  # expiration_ms
     )
 
 

@@ -343,3 +343,18 @@ def test_traceparent_is_w3c_with_a_fresh_parent_id() -> None:
 def test_traceparent_never_has_the_invalid_all_zero_parent_id(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("choreo.publisher._getrandbits", lambda bits: 0)
     assert traceparent("4bf92f3577b34da6a3ce929d0e0e4736").split("-")[2] == "0000000000000001"
+
+
+def test_to_message_maps_each_envelope_field_to_its_property() -> None:
+    keyring = choreo.Keyring.hmac(("k1", "secret"))
+    envelope = new_envelope("t.mapped", {"n": 1}, source="test", correlation_id="saga-1", ttl_ms=1_000)
+    message = to_message(envelope, keyring, "the.exchange", expiration_slack_ms=250)
+    assert (message.exchange, message.routing_key, message.type) == ("the.exchange", "t.mapped", "t.mapped")
+    assert (message.message_id, message.correlation_id) == (envelope.id, "saga-1")
+    assert message.body == envelope.encode()
+    assert message.expiration_ms == 1_250
+    assert message.mandatory is False
+    keyring.verify(message.body, message.headers)
+    long_id = "\u00e9" * 128  # valid in the body; 256 bytes, too long for a short-string property
+    unsendable = to_message(new_envelope("t.mapped", {}, source="test", id=long_id), keyring, "e")
+    assert unsendable.message_id is None
