@@ -72,7 +72,8 @@ class Event(BaseModel):
         try:
             # Straight to the pydantic-core validator (model_validate's own argument handling is
             # an eighth of the cost), unless the class overrides model_validate.
-            if cls.model_validate.__func__ is not _MODEL_VALIDATE:  # type: ignore[attr-defined]
+            # (a staticmethod or other plain callable override has no __func__)
+            if getattr(cls.model_validate, "__func__", None) is not _MODEL_VALIDATE:
                 return cls.model_validate(payload)
             return cls.__pydantic_validator__.validate_python(payload)
         except ValidationError as exc:

@@ -135,16 +135,25 @@ def test_format_timestamp_is_rfc3339_utc_with_z_and_milliseconds(moment: datetim
 
 def test_now_timestamp_is_format_timestamp_of_now_across_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
     """The text up to the second is kept per second; each call still has its own milliseconds,
-    and the next second (or an earlier one, the clock stepped back) gets its own text."""
-    base = 1_795_000_000  # 2026-11-17T...
-    clock = iter([base + 0.0004, base + 0.5004, base + 0.9994, base + 1.0004, base - 86_400 + 0.1234, base + 1.2504])
-    monkeypatch.setattr("choreo.envelope.time.time", lambda: next(clock))
-    texts = [now_timestamp() for _ in range(6)]
-    expected = [
-        format_timestamp(datetime.fromtimestamp(t, UTC))
-        for t in (base + 0.0004, base + 0.5004, base + 0.9994, base + 1.0004, base - 86_400 + 0.1234, base + 1.2504)
+    floored from integer nanoseconds as datetime.now does, and the next second (or an earlier
+    one: the clock stepped back, even before 1970) gets its own text."""
+    base = 1_795_000_000 * 10**9
+    readings = [
+        base + 400_000,
+        base + 567_999_999,  # a float of this would read 568 ms
+        base + 999_999_999,
+        base + 10**9,
+        base - 86_400 * 10**9 + 123_456_789,
+        base + 10**9 + 250_000_001,
+        -500_000_000,  # half a second before the epoch
     ]
-    assert texts == expected
+    clock = iter(readings)
+    monkeypatch.setattr("choreo.envelope.time.time_ns", lambda: next(clock))
+    texts = [now_timestamp() for _ in readings]
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    assert texts == [format_timestamp(epoch + timedelta(microseconds=ns // 1000)) for ns in readings]
+    assert texts[1].endswith(".567Z")
+    assert texts[-1] == "1969-12-31T23:59:59.500Z"
     assert all(TIMESTAMP_RE.match(text) for text in texts)
 
 
@@ -534,6 +543,18 @@ class Normalised(choreo.Event, type="order.normalised"):
     @classmethod
     def model_validate(cls, obj: Any, **kwargs: Any) -> Normalised:
         return super().model_validate({**obj, "order_id": str(obj["order_id"]).strip()}, **kwargs)
+
+
+class StaticallyValidated(choreo.Event, type="order.static"):
+    order_id: str
+
+    @staticmethod
+    def model_validate(obj: Any, **kwargs: Any) -> StaticallyValidated:  # type: ignore[override]
+        return StaticallyValidated(order_id=str(obj["order_id"]).upper())
+
+
+def test_from_payload_honours_a_staticmethod_override_of_model_validate() -> None:
+    assert StaticallyValidated.from_payload({"order_id": "o-1"}).order_id == "O-1"
 
 
 def test_from_payload_honours_a_class_that_overrides_model_validate() -> None:

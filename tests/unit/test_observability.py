@@ -358,3 +358,12 @@ def test_to_message_maps_each_envelope_field_to_its_property() -> None:
     long_id = "\u00e9" * 128  # valid in the body; 256 bytes, too long for a short-string property
     unsendable = to_message(new_envelope("t.mapped", {}, source="test", id=long_id), keyring, "e")
     assert unsendable.message_id is None
+
+
+@pytest.mark.parametrize(("count", "kept"), [(63, True), (64, False)])
+def test_to_message_drops_ids_over_255_bytes_at_the_short_cut_boundary(count: int, kept: bool) -> None:
+    """63 four-byte characters are 252 bytes, 64 are 256: the length short cut must not keep them."""
+    value = "\U0001f600" * count
+    keyring = choreo.Keyring.hmac(("k1", "secret"))
+    message = to_message(new_envelope("t.mapped", {}, source="test", id=value, correlation_id=value), keyring, "e")
+    assert (message.message_id, message.correlation_id) == ((value, value) if kept else (None, None))
