@@ -249,9 +249,7 @@ class SagaRun:
         the same envelope: at-least-once from the shop, exactly-once effects through dedup.
         """
         publisher = Publisher(transport=self.transport, settings=self.settings, source="demo-shop")
-        envelopes = [
-            new_envelope("order.placed", p.event.model_dump(mode="json"), source="demo-shop") for p in self.plans
-        ]
+        envelopes = [new_envelope("order.placed", p.event.to_payload(), source="demo-shop") for p in self.plans]
         began = time.monotonic()
         for start in range(0, len(envelopes), window):
             if before_window is not None:

@@ -75,7 +75,7 @@ CREATE INDEX IF NOT EXISTS {TABLE}_unsent ON {TABLE} (seq) WHERE sent_at IS NULL
 
 def _envelope(event: Event, source: str, options: dict[str, Any]) -> Envelope:
     ttl = options.pop("ttl_ms", type(event).__event_ttl_ms__)
-    return new_envelope(event.event_type(), event.model_dump(mode="json"), source=source, ttl_ms=ttl, **options)
+    return new_envelope(event.event_type(), event.to_payload(), source=source, ttl_ms=ttl, **options)
 
 
 def write_sqlite(db: sqlite3.Connection, event: Event, *, source: str, **options: Any) -> Envelope:

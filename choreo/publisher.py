@@ -202,7 +202,7 @@ class Publisher:
             trace_id = self._tracing.current_trace_id()
         envelope = new_envelope(
             event.event_type(),
-            event.model_dump(mode="json"),
+            event.to_payload(),
             source=self.source,
             id=id,
             trace_id=trace_id,

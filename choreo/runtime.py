@@ -739,7 +739,7 @@ class AgentRuntime(Generic[S]):
             ERROR: error[:_MAX_ERROR_CHARS],
             AGENT: self.agent.name,
             ATTEMPTS: attempts if attempts is not None else self._prior_attempts(delivery) + 1,
-            FAILED_AT: format_timestamp(datetime.now(UTC)),
+            FAILED_AT: now_timestamp(),
         }
         if await self._move(delivery, self.queues.dlq, fault):
             self.stats.dead_lettered[reason] += 1

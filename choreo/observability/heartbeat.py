@@ -16,11 +16,10 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from ..codec import dumps, loads_object
-from ..envelope import format_timestamp
+from ..envelope import now_timestamp
 from ..errors import ChoreoError, MessageFault
 from ..log import get_logger
 from ..signing import Keyring
@@ -85,7 +84,7 @@ class Heartbeat:
         self.interval_s = interval_s
         self.version = version
         self.instance = instance_id()
-        self.started_at = format_timestamp(datetime.now(UTC))
+        self.started_at = now_timestamp()
 
     async def declare(self) -> None:
         await self.transport.declare(Topology(self.exchange))
@@ -100,7 +99,7 @@ class Heartbeat:
                     "version": self.version,
                     "instance": self.instance,
                     "started_at": self.started_at,
-                    "sent_at": format_timestamp(datetime.now(UTC)),
+                    "sent_at": now_timestamp(),
                     "interval_s": self.interval_s,
                 }
             )

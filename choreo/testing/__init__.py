@@ -39,7 +39,7 @@ def make_context(
         source=source,
         issued_at=datetime.now(UTC),
         trace_id=trace_id or new_trace_id(),
-        payload=event.model_dump(mode="json"),
+        payload=event.to_payload(),
     )
     return Context(agent, envelope, state)
 
