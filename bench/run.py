@@ -62,6 +62,7 @@ from urllib.parse import urlparse  # noqa: E402
 BENCH = ROOT / "bench"
 SHARED = ROOT.parent / "shared" / "bench"
 CLIENT = BENCH / "choreo_client.py"
+RAW_SAGA = BENCH / "raw_saga.py"
 OUT = BENCH / "out"
 FS_VENV = BENCH / ".venv-faststream"
 FS_PY = FS_VENV / "bin" / "python"
@@ -416,6 +417,7 @@ class Options:
     stages: bool = False
     wire: bool = False
     saga_rounds: int = 1
+    raw_saga: bool = True
 
 
 @dataclass
@@ -791,6 +793,41 @@ def saga_raw_beside(run: Run, rate: float, orders: int) -> dict[str, Any]:
     return {"p50": p50, "p99": p99, "max": top, "count": count, "saga_hop_p99": data["hop_ms"]["p99"]}
 
 
+def saga_raw_saga(run: Run, rate: float, orders: int, suffix: str = "") -> dict[str, Any]:
+    """The same saga done with raw aio-pika (``bench/raw_saga.py``): four relay processes, one per
+    agent, and a driver; its hops are measured by the same code as the choreo saga's."""
+    step = f"rawsaga{rate:g}{suffix}"
+    exchange, prefix, _ = run.namespace(step)
+    queues = [f"{prefix}{name}" for name in SAGA_AGENT_NAMES]
+    run.queues.update(queues)
+    run.exchanges.add(exchange)
+    common = ["--url", run.opts.url, "--exchange", exchange, "--prefix", prefix]
+    relays: list[Child] = []
+    result_file = run.tmp / f"{step}.json"
+    try:
+        for name in SAGA_AGENT_NAMES:
+            cmd = [str(VENV_PY), str(RAW_SAGA), "relay", name, *common]
+            child = Child(cmd, env=run.env(), log=run.tmp / f"{step}-{name}.log", stdout_pipe=True)
+            run.children.append(child)
+            relays.append(child)
+        for child in relays:
+            child.wait_line("ready", timeout=60)
+        cpu0 = [proc_cpu_s(r.pid) for r in relays]
+        driver = [str(VENV_PY), str(RAW_SAGA), "drive", *common, "--orders", str(orders), "--rate", f"{rate:g}"]
+        driver += ["--result", str(result_file), "--timeout", f"{orders / rate + 180:.0f}"]
+        proc = run_measured(driver, env=run.env(), timeout=orders / rate + 300, what=f"raw saga driver at {rate:g}/s")
+        window_cpu = [proc_cpu_s(r.pid) - c for r, c in zip(relays, cpu0, strict=True)]
+    finally:
+        codes = [r.stop() for r in relays]
+        run.clean(queues, [exchange])
+    data: dict[str, Any] = json.loads(result_file.read_text())
+    data.update(worker_exit_codes=codes, driver_cpu_s=proc.cpu_s)
+    data.update(cpu_of(relays, window_cpu, orders, data.get("handled_events", 0)))
+    if any(codes):
+        run.notes.append(f"raw saga at {rate:g}/s: relay exit codes {codes} (0 = clean stop)")
+    return data
+
+
 # step: memory ---------------------------------------------------------------------------------------
 def memory_step(run: Run) -> str:
     """RSS of an idle worker, after a warm-up of ``WARM_UP`` messages (caches and pools filled),
@@ -1132,6 +1169,23 @@ def saga_rows(run: Run) -> list[list[str]]:
                     f"{r['cpu_us_per_msg']:,.0f} per msg",
                 ]
             )
+        rs = s.get("raw_saga")
+        if rs:
+            rows.append(
+                [
+                    rate,
+                    "raw aio-pika saga (4 `raw_saga.py` relays: no signing, dedup or state store)",
+                    f"{rs['ended']}/{rs['orders']}",
+                    f"{rs['offered_per_s']:.0f}",
+                    f"{rs['throughput_per_s']:.0f}" + (" (saturated)" if saturated(rs) else ""),
+                    f"{rs['hop_ms']['p50']:.0f}",
+                    f"{rs['hop_ms']['p99']:.0f}" + by_round(s["raw_saga_rounds"], choreo_p99, "{:.0f}"),
+                    f"{rs['saga_ms']['p50']:.0f}",
+                    f"{rs['saga_ms']['p99']:.0f}",
+                    f"{rs['worker_cpu_us_per_order']:,.0f} per order, "
+                    f"{rs['worker_cpu_us_per_handling']:,.0f} per handled event",
+                ]
+            )
         b = s.get("raw_beside")
         if b:
             rows.append(
@@ -1327,6 +1381,13 @@ def ratio_line(run: Run) -> str:
     ]
     if beside:
         parts.append("saga hop p99 choreo/raw-beside-the-saga=" + " ".join(beside))
+    raw_sagas = [
+        f"{ratio(s['choreo']['hop_ms']['p99'], s['raw_saga']['hop_ms']['p99'])}@{s['rate']:g}/s"
+        for s in run.sagas
+        if s.get("choreo") and s.get("raw_saga")
+    ]
+    if raw_sagas:
+        parts.append("saga hop p99 choreo/raw-aio-pika-saga=" + " ".join(raw_sagas))
     if run.memory:
         m = run.memory
         growth = (m["after_kb"] - m["warmed_kb"]) / 1024
@@ -1515,15 +1576,24 @@ def write_report(run: Run, path: Path, info: dict[str, str], ratios: str) -> Non
         "event (each event once per agent subscribed to it: consume, verify, dedup, state, publish, ack). "
         "*Done /s* = orders ended / (last final event - first order); below 95 % of the offered rate it is "
         "marked *saturated*: the workers did not keep up, and the latencies then measure the backlog. "
-        f"Rounds: {o.saga_rounds} per rate (`--saga-rounds`), each a choreo saga run then a raw one-hop run, "
-        "every rate once per round, so a slow spell of the machine lands on both sides. A single run's p99 "
-        "moves a lot (a spell of a second or two holds 1 % of the hops): the tables show, for choreo and "
-        "for raw alike, the round with the median hop p99 (its per-hop, CPU, stage and wire figures are "
-        "that round's), with every round's p99 in brackets, in run order; the ratio line divides the two "
-        "medians.",
+        f"Rounds: {o.saga_rounds} per rate (`--saga-rounds`), each a choreo saga run, a raw one-hop run "
+        "and a raw aio-pika saga run, every rate once per round, so a slow spell of the machine lands on "
+        "every side. A single run's p99 moves a lot (a spell of a second or two holds 1 % of the hops): the "
+        "tables show, for each side alike, the round with the median hop p99 (its per-hop, CPU, stage and "
+        "wire figures are that round's), with every round's p99 in brackets, in run order; the ratio line "
+        "divides the medians.",
         "- Raw one-hop: `raw_latency.py N RATE` with the same N and rate: publish (confirmed) to consumer "
         "callback on one quorum queue, perf_counter resolution; it paces with `sleep(1/RATE)`, so its real "
         "rate is at most the nominal one. Its CPU is the process's, minus start-up, per message.",
+        "- Raw aio-pika saga (`bench/raw_saga.py`, on unless `--no-raw-saga`; in each round after raw's one "
+        "hop): the same saga as a user would write it with raw aio-pika, without choreo: four relay processes, "
+        "one per agent, on quorum queues bound to the same types, with the same rules, prefetch 256, "
+        "persistent messages and confirms; per delivery: decode the JSON, decide from a dict, publish each "
+        "emitted event and await its confirm, ack. No signature, validation, dedup, durable state, retries "
+        "or dead-lettering. Its driver places the same orders with raw aio-pika, and its hops, saga "
+        "latencies and checks are computed by the choreo driver's own code from stamps of the same "
+        "millisecond resolution (the wire format's `issued_at`). The ratio line's "
+        "`choreo/raw-aio-pika-saga` divides the two sagas' median hop p99s.",
         "- Raw one-hop beside the saga (full runs, or `--saga-beside`): the choreo saga runs once more at the "
         "same rate with `raw_latency.py` (80 % of the orders' count, same rate) alongside it, so the raw hop "
         "crosses a broker as loaded as it is for the saga's hops. That extra saga run's figures are not "
@@ -1656,6 +1726,12 @@ def parse(argv: Sequence[str]) -> Options:
         help="tcpdump each saga step (root) and report the broker's own publish->deliver time (bench/wire.py)",
     )
     parser.add_argument(
+        "--raw-saga",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run the saga done with raw aio-pika (bench/raw_saga.py) in each round, with raw (default: on)",
+    )
+    parser.add_argument(
         "--saga-beside",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -1695,6 +1771,7 @@ def parse(argv: Sequence[str]) -> Options:
         saga_rates=saga_rates,
         saga_seconds=args.saga_seconds or (8.0 if quick else 20.0),
         saga_beside=(not quick) if args.saga_beside is None else bool(args.saga_beside),
+        raw_saga=bool(args.raw_saga),
         memory_count=args.memory_count or (n if quick else 100_000),
         quick=quick,
         output=output,
@@ -1773,13 +1850,13 @@ def sweep(run: Run, before: list[str] | None) -> None:
 def saga_plan(opts: Options) -> list[tuple[str, str, int, int]]:
     """The saga steps as (step, client, rate index, round). Rounds are outermost and choreo and
     raw alternate within each, so a slow spell of the machine lands on both sides rather than on
-    one rate or one client. The raw-beside runs (one per rate) come after every round."""
+    one rate or one client. The raw-beside runs (one per rate) come after every round. The raw
+    saga (``--raw-saga``) runs in each round after raw's one hop, when raw is among the clients."""
+    sides = [c for c in ("choreo", "raw") if c in opts.clients]
+    if opts.raw_saga and "raw" in opts.clients:
+        sides.append("raw-saga")
     plan: list[tuple[str, str, int, int]] = [
-        ("saga", c, i, rnd)
-        for rnd in range(opts.saga_rounds)
-        for i in range(len(opts.saga_rates))
-        for c in ("choreo", "raw")
-        if c in opts.clients
+        ("saga", c, i, rnd) for rnd in range(opts.saga_rounds) for i in range(len(opts.saga_rates)) for c in sides
     ]
     if opts.saga_beside and {"choreo", "raw"} <= set(opts.clients):
         plan += [("saga", "raw-beside", i, 0) for i in range(len(opts.saga_rates))]
@@ -1873,7 +1950,14 @@ def saga_once(run: Run, client: str, index: int, rnd: int, prefix: str) -> str:
     rate = run.opts.saga_rates[index]
     orders = max(4, round(rate * run.opts.saga_seconds))
     if rate not in run.saga_by_rate:
-        run.saga_by_rate[rate] = {"rate": rate, "orders": orders, "errors": {}, "choreo_rounds": [], "raw_rounds": []}
+        run.saga_by_rate[rate] = {
+            "rate": rate,
+            "orders": orders,
+            "errors": {},
+            "choreo_rounds": [],
+            "raw_rounds": [],
+            "raw_saga_rounds": [],
+        }
         run.sagas.append(run.saga_by_rate[rate])
     entry = run.saga_by_rate[rate]
     rounds = run.opts.saga_rounds
@@ -1885,6 +1969,19 @@ def saga_once(run: Run, client: str, index: int, rnd: int, prefix: str) -> str:
         entry["raw_rounds"].append(raw)
         entry["raw"] = median_round(entry["raw_rounds"], raw_p99)
         return f"p50 {raw['p50']:.2f} ms, p99 {raw['p99']:.2f} ms"
+    if client == "raw-saga":
+        say(f"{prefix} raw aio-pika saga: {orders:,} orders at {rate:g}/s through 4 raw_saga.py relays{of}")
+        data = saga_raw_saga(run, rate, orders, suffix)
+        entry["raw_saga_rounds"].append(data)
+        entry["raw_saga"] = median_round(entry["raw_saga_rounds"], choreo_p99)
+        if data["problem_count"]:
+            where = f"raw saga at {rate:g}/s" + (f", round {rnd + 1}" if rounds > 1 else "")
+            run.failed.append(f"{where}: {data['problem_count']} problems {data['problems']}")
+        hop, whole = data["hop_ms"], data["saga_ms"]
+        return (
+            f"ended {data['ended']}/{orders}, {data['throughput_per_s']:.0f} orders/s, hop p50/p99 "
+            f"{hop['p50']:.0f}/{hop['p99']:.0f} ms, saga p50/p99 {whole['p50']:.0f}/{whole['p99']:.0f} ms"
+        )
     if client == "raw-beside":
         say(f"{prefix} raw aio-pika one-hop latency at {rate:g}/s beside a {rate:g}/s choreo saga (same broker load)")
         entry["raw_beside"] = saga_raw_beside(run, rate, orders)

@@ -47,22 +47,40 @@ def test_zero_saga_rounds_stop_at_parsing(capsys: pytest.CaptureFixture[str]) ->
     assert "at least 1" in capsys.readouterr().err
 
 
-def test_the_saga_plan_alternates_choreo_and_raw_within_each_round_and_puts_beside_runs_last() -> None:
+def test_the_saga_plan_alternates_the_sides_within_each_round_and_puts_beside_runs_last() -> None:
     opts = run.parse(["--saga-rates", "100,300", "--saga-rounds", "2", "--no-write"])
     assert run.saga_plan(opts) == [
         ("saga", "choreo", 0, 0),
         ("saga", "raw", 0, 0),
+        ("saga", "raw-saga", 0, 0),
         ("saga", "choreo", 1, 0),
         ("saga", "raw", 1, 0),
+        ("saga", "raw-saga", 1, 0),
         ("saga", "choreo", 0, 1),
         ("saga", "raw", 0, 1),
+        ("saga", "raw-saga", 0, 1),
         ("saga", "choreo", 1, 1),
         ("saga", "raw", 1, 1),
+        ("saga", "raw-saga", 1, 1),
         ("saga", "raw-beside", 0, 0),
         ("saga", "raw-beside", 1, 0),
     ]
     only_choreo = run.parse(["--saga-rates", "100", "--saga-rounds", "2", "--only", "choreo", "--no-write"])
     assert run.saga_plan(only_choreo) == [("saga", "choreo", 0, 0), ("saga", "choreo", 0, 1)]
+    no_raw_saga = run.parse(
+        [
+            "--saga-rates",
+            "100",
+            "--saga-rounds",
+            "1",
+            "--only",
+            "choreo,raw",
+            "--no-raw-saga",
+            "--no-saga-beside",
+            "--no-write",
+        ]
+    )
+    assert run.saga_plan(no_raw_saga) == [("saga", "choreo", 0, 0), ("saga", "raw", 0, 0)]
 
 
 def test_the_median_round_is_picked_by_the_same_rule_for_choreo_and_raw() -> None:
