@@ -1388,6 +1388,13 @@ def ratio_line(run: Run) -> str:
     ]
     if raw_sagas:
         parts.append("saga hop p99 choreo/raw-aio-pika-saga=" + " ".join(raw_sagas))
+        cpu = [
+            f"{ratio(s['choreo']['worker_cpu_us_per_handling'], s['raw_saga']['worker_cpu_us_per_handling'])}"
+            f"@{s['rate']:g}/s"
+            for s in run.sagas
+            if s.get("choreo") and s.get("raw_saga")
+        ]
+        parts.append("saga cpu/handled-event choreo/raw-aio-pika-saga=" + " ".join(cpu))
     if run.memory:
         m = run.memory
         growth = (m["after_kb"] - m["warmed_kb"]) / 1024
@@ -1593,7 +1600,8 @@ def write_report(run: Run, path: Path, info: dict[str, str], ratios: str) -> Non
         "or dead-lettering. Its driver places the same orders with raw aio-pika, and its hops, saga "
         "latencies and checks are computed by the choreo driver's own code from stamps of the same "
         "millisecond resolution (the wire format's `issued_at`). The ratio line's "
-        "`choreo/raw-aio-pika-saga` divides the two sagas' median hop p99s.",
+        "`choreo/raw-aio-pika-saga` divides the two sagas' median hop p99s, and its `saga cpu/handled-event` "
+        "the CPU per handled event of those same two rounds (workers or relays, while the orders ran).",
         "- Raw one-hop beside the saga (full runs, or `--saga-beside`): the choreo saga runs once more at the "
         "same rate with `raw_latency.py` (80 % of the orders' count, same rate) alongside it, so the raw hop "
         "crosses a broker as loaded as it is for the saga's hops. That extra saga run's figures are not "

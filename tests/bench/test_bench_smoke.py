@@ -59,6 +59,7 @@ def test_quick_bench_runs_and_prints_the_ratio_line(amqp_url: str) -> None:
         rf"saga hop p99 choreo/raw={NUMBER}x@100/s",
         rf"saga hop p99 choreo/raw-beside-the-saga={NUMBER}x@100/s",
         rf"saga hop p99 choreo/raw-aio-pika-saga={NUMBER}x@100/s",
+        rf"saga cpu/handled-event choreo/raw-aio-pika-saga={NUMBER}x@100/s",
         rf"rss idle={NUMBER}MB warm={NUMBER}MB growth=[+-]{NUMBER}MB",
     ):
         assert re.search(pattern, last), f"{pattern!r} not in {last!r}"
