@@ -664,6 +664,7 @@ def throughput_once(run: Run, client: str, rep: int) -> str:
 
 # step: saga -----------------------------------------------------------------------------------------
 SAGA_AGENT_NAMES = ("inventory", "payments", "shipping", "orders")
+SAGA_PREFETCH = 256  # the choreo workers' and the raw relays' alike
 LAT = re.compile(r"p50=([\d.]+)ms p99=([\d.]+)ms max=([\d.]+)ms")
 
 
@@ -684,7 +685,7 @@ def saga_choreo(
         CHOREO_EXCHANGE=exchange,
         CHOREO_QUEUE_PREFIX=prefix,
         CHOREO_STATE_DIR=str(state),
-        CHOREO_PREFETCH="256",
+        CHOREO_PREFETCH=str(SAGA_PREFETCH),
         CHOREO_SHUTDOWN_GRACE_S="15",
     )
     stamps = stamping(run, step, env) if run.opts.stages and not beside else None
@@ -801,7 +802,10 @@ def saga_raw_saga(run: Run, rate: float, orders: int, suffix: str = "") -> dict[
     queues = [f"{prefix}{name}" for name in SAGA_AGENT_NAMES]
     run.queues.update(queues)
     run.exchanges.add(exchange)
-    common = ["--url", run.opts.url, "--exchange", exchange, "--prefix", prefix]
+    from choreo.topology import DEFAULT_DELIVERY_LIMIT
+
+    common = ["--url", run.opts.url, "--exchange", exchange, "--prefix", prefix, "--loop", "uvloop"]
+    common += ["--prefetch", str(SAGA_PREFETCH), "--delivery-limit", str(DEFAULT_DELIVERY_LIMIT)]
     relays: list[Child] = []
     result_file = run.tmp / f"{step}.json"
     try:
@@ -1174,7 +1178,7 @@ def saga_rows(run: Run) -> list[list[str]]:
             rows.append(
                 [
                     rate,
-                    "raw aio-pika saga (4 `raw_saga.py` relays: no signing, dedup or state store)",
+                    "raw aio-pika saga (4 `raw_saga.py` relays on uvloop: no signing, dedup or state store)",
                     f"{rs['ended']}/{rs['orders']}",
                     f"{rs['offered_per_s']:.0f}",
                     f"{rs['throughput_per_s']:.0f}" + (" (saturated)" if saturated(rs) else ""),
@@ -1358,6 +1362,15 @@ def paired_rows(run: Run) -> list[list[str]]:
     return rows
 
 
+def saga_cpu_ratio(saga: dict[str, Any]) -> str:
+    """Choreo's CPU per handled event over the raw aio-pika saga's: the median of the ratios of
+    rounds run back to back (round 1 with round 1...), as the throughput ratios pair rounds."""
+    key = "worker_cpu_us_per_handling"
+    pairs = zip(saga["choreo_rounds"], saga["raw_saga_rounds"], strict=False)
+    values = [c[key] / r[key] for c, r in pairs if r[key] > 0]
+    return f"{statistics.median(values):.2f}x" if values else "n/a"
+
+
 def ratio_line(run: Run) -> str:
     parts = []
     choreo = run.throughput.get("choreo")
@@ -1388,12 +1401,7 @@ def ratio_line(run: Run) -> str:
     ]
     if raw_sagas:
         parts.append("saga hop p99 choreo/raw-aio-pika-saga=" + " ".join(raw_sagas))
-        cpu = [
-            f"{ratio(s['choreo']['worker_cpu_us_per_handling'], s['raw_saga']['worker_cpu_us_per_handling'])}"
-            f"@{s['rate']:g}/s"
-            for s in run.sagas
-            if s.get("choreo") and s.get("raw_saga")
-        ]
+        cpu = [f"{saga_cpu_ratio(s)}@{s['rate']:g}/s" for s in run.sagas if s.get("choreo") and s.get("raw_saga")]
         parts.append("saga cpu/handled-event choreo/raw-aio-pika-saga=" + " ".join(cpu))
     if run.memory:
         m = run.memory
@@ -1584,11 +1592,11 @@ def write_report(run: Run, path: Path, info: dict[str, str], ratios: str) -> Non
         "*Done /s* = orders ended / (last final event - first order); below 95 % of the offered rate it is "
         "marked *saturated*: the workers did not keep up, and the latencies then measure the backlog. "
         f"Rounds: {o.saga_rounds} per rate (`--saga-rounds`), each a choreo saga run, a raw one-hop run "
-        "and a raw aio-pika saga run, every rate once per round, so a slow spell of the machine lands on "
-        "every side. A single run's p99 moves a lot (a spell of a second or two holds 1 % of the hops): the "
-        "tables show, for each side alike, the round with the median hop p99 (its per-hop, CPU, stage and "
-        "wire figures are that round's), with every round's p99 in brackets, in run order; the ratio line "
-        "divides the medians.",
+        "and a raw aio-pika saga run (in reverse order every other round), every rate once per round, so a "
+        "slow spell of the machine lands on every side. A single run's p99 moves a lot (a spell of a second "
+        "or two holds 1 % of the hops): the tables show, for each side alike, the round with the median hop "
+        "p99 (its per-hop, CPU, stage and wire figures are that round's), with every round's p99 in "
+        "brackets, in run order; the ratio line divides the medians.",
         "- Raw one-hop: `raw_latency.py N RATE` with the same N and rate: publish (confirmed) to consumer "
         "callback on one quorum queue, perf_counter resolution; it paces with `sleep(1/RATE)`, so its real "
         "rate is at most the nominal one. Its CPU is the process's, minus start-up, per message.",
@@ -1600,8 +1608,10 @@ def write_report(run: Run, path: Path, info: dict[str, str], ratios: str) -> Non
         "or dead-lettering. Its driver places the same orders with raw aio-pika, and its hops, saga "
         "latencies and checks are computed by the choreo driver's own code from stamps of the same "
         "millisecond resolution (the wire format's `issued_at`). The ratio line's "
-        "`choreo/raw-aio-pika-saga` divides the two sagas' median hop p99s, and its `saga cpu/handled-event` "
-        "the CPU per handled event of those same two rounds (workers or relays, while the orders ran).",
+        "`choreo/raw-aio-pika-saga` divides the two sagas' median hop p99s; its `saga cpu/handled-event` is "
+        "the median over rounds of choreo's CPU per handled event over the raw relays' in the same round "
+        "(workers or relays, while the orders ran). Both sides' hops are differences of millisecond stamps, "
+        "so a hop p99 of a few ms moves in 1 ms steps and these ratios in steps of 15-30 %.",
         "- Raw one-hop beside the saga (full runs, or `--saga-beside`): the choreo saga runs once more at the "
         "same rate with `raw_latency.py` (80 % of the orders' count, same rate) alongside it, so the raw hop "
         "crosses a broker as loaded as it is for the saga's hops. That extra saga run's figures are not "
@@ -1856,15 +1866,19 @@ def sweep(run: Run, before: list[str] | None) -> None:
 
 
 def saga_plan(opts: Options) -> list[tuple[str, str, int, int]]:
-    """The saga steps as (step, client, rate index, round). Rounds are outermost and choreo and
-    raw alternate within each, so a slow spell of the machine lands on both sides rather than on
-    one rate or one client. The raw-beside runs (one per rate) come after every round. The raw
-    saga (``--raw-saga``) runs in each round after raw's one hop, when raw is among the clients."""
+    """The saga steps as (step, client, rate index, round). Rounds are outermost and the sides
+    (choreo, raw's one hop and, with ``--raw-saga`` and raw among the clients, the raw aio-pika
+    saga) alternate within each, in reverse order every other round, so a slow spell of the
+    machine, or a side's place in the round, does not land on one rate or one side. The
+    raw-beside runs (one per rate) come after every round."""
     sides = [c for c in ("choreo", "raw") if c in opts.clients]
     if opts.raw_saga and "raw" in opts.clients:
         sides.append("raw-saga")
     plan: list[tuple[str, str, int, int]] = [
-        ("saga", c, i, rnd) for rnd in range(opts.saga_rounds) for i in range(len(opts.saga_rates)) for c in sides
+        ("saga", c, i, rnd)
+        for rnd in range(opts.saga_rounds)
+        for i in range(len(opts.saga_rates))
+        for c in (sides if rnd % 2 == 0 else sides[::-1])
     ]
     if opts.saga_beside and {"choreo", "raw"} <= set(opts.clients):
         plan += [("saga", "raw-beside", i, 0) for i in range(len(opts.saga_rates))]

@@ -56,12 +56,12 @@ def test_the_saga_plan_alternates_the_sides_within_each_round_and_puts_beside_ru
         ("saga", "choreo", 1, 0),
         ("saga", "raw", 1, 0),
         ("saga", "raw-saga", 1, 0),
-        ("saga", "choreo", 0, 1),
+        ("saga", "raw-saga", 0, 1),  # every other round in reverse: no side always runs first
         ("saga", "raw", 0, 1),
-        ("saga", "raw-saga", 0, 1),
-        ("saga", "choreo", 1, 1),
-        ("saga", "raw", 1, 1),
+        ("saga", "choreo", 0, 1),
         ("saga", "raw-saga", 1, 1),
+        ("saga", "raw", 1, 1),
+        ("saga", "choreo", 1, 1),
         ("saga", "raw-beside", 0, 0),
         ("saga", "raw-beside", 1, 0),
     ]
@@ -81,6 +81,15 @@ def test_the_saga_plan_alternates_the_sides_within_each_round_and_puts_beside_ru
         ]
     )
     assert run.saga_plan(no_raw_saga) == [("saga", "choreo", 0, 0), ("saga", "raw", 0, 0)]
+
+
+def test_the_saga_cpu_ratio_pairs_rounds_and_takes_the_median() -> None:
+    def rounds(*cpu: float) -> list[dict[str, float]]:
+        return [{"worker_cpu_us_per_handling": c} for c in cpu]
+
+    saga = {"choreo_rounds": rounds(400, 300, 900), "raw_saga_rounds": rounds(500, 600, 1000)}
+    assert run.saga_cpu_ratio(saga) == "0.80x"  # median of 0.8, 0.5 and 0.9
+    assert run.saga_cpu_ratio({"choreo_rounds": rounds(400), "raw_saga_rounds": []}) == "n/a"
 
 
 def test_the_median_round_is_picked_by_the_same_rule_for_choreo_and_raw() -> None:
