@@ -418,6 +418,7 @@ class Options:
     wire: bool = False
     saga_rounds: int = 1
     raw_saga: bool = True
+    saga_one_process: bool = False
 
 
 @dataclass
@@ -665,6 +666,8 @@ def throughput_once(run: Run, client: str, rep: int) -> str:
 # step: saga -----------------------------------------------------------------------------------------
 SAGA_AGENT_NAMES = ("inventory", "payments", "shipping", "orders")
 SAGA_PREFETCH = 256  # the choreo workers' and the raw relays' alike
+SAGA_LABEL = "choreo saga (4 `choreo worker` processes)"
+SAGA_LABEL_ONE = "choreo saga (the 4 agents in 1 `choreo worker` process)"
 LAT = re.compile(r"p50=([\d.]+)ms p99=([\d.]+)ms max=([\d.]+)ms")
 
 
@@ -695,9 +698,10 @@ def saga_choreo(
     with contextlib.ExitStack() as wiring:
         capture = wiring.enter_context(start_capture(run.tmp / f"{step}.pcap")) if wired else None
         try:
-            for name in SAGA_AGENT_NAMES:
-                cmd = [str(VENV_PY), "-m", "choreo", "worker", f"agents.{name}:agent", "--json-logs"]
-                child = Child(cmd, env=env, log=run.tmp / f"{step}-{name}.log")
+            for names in saga_processes(run.opts):
+                specs = [f"agents.{name}:agent" for name in names]
+                cmd = [str(VENV_PY), "-m", "choreo", "worker", *specs, "--json-logs"]
+                child = Child(cmd, env=env, log=run.tmp / f"{step}-{'+'.join(names)}.log")
                 run.children.append(child)
                 workers.append(child)
             for child in workers:
@@ -736,7 +740,8 @@ def saga_choreo(
             run.clean(queues, exchanges)
     data: dict[str, Any] = json.loads(result_file.read_text())
     data.update(beside_out=beside_out, worker_exit_codes=codes, driver_cpu_s=proc.cpu_s)
-    data.update(cpu_of(workers, window_cpu, orders, data.get("handled_events", 0)))
+    names = ["+".join(p) for p in saga_processes(run.opts)]
+    data.update(cpu_of(workers, window_cpu, orders, data.get("handled_events", 0), names=names))
     if stamps is not None:
         data["stages"] = stages_summary(stamps)
     if capture is not None:
@@ -746,12 +751,24 @@ def saga_choreo(
     return data
 
 
-def cpu_of(workers: Sequence[Child], window_cpu: Sequence[float], orders: int, handled: int) -> dict[str, Any]:
+def saga_processes(opts: Options) -> list[tuple[str, ...]]:
+    """The saga's agents by worker process: one each, or all four in one (``--saga-one-process``)."""
+    return [SAGA_AGENT_NAMES] if opts.saga_one_process else [(name,) for name in SAGA_AGENT_NAMES]
+
+
+def cpu_of(
+    workers: Sequence[Child],
+    window_cpu: Sequence[float],
+    orders: int,
+    handled: int,
+    *,
+    names: Sequence[str] = SAGA_AGENT_NAMES,
+) -> dict[str, Any]:
     """The workers' CPU while the orders ran (start-up and shutdown excluded); whole processes
     for reference."""
     return {
-        "worker_cpu_s": dict(zip(SAGA_AGENT_NAMES, window_cpu, strict=True)),
-        "worker_process_cpu_s": {name: w.cpu_s for name, w in zip(SAGA_AGENT_NAMES, workers, strict=True)},
+        "worker_cpu_s": dict(zip(names, window_cpu, strict=True)),
+        "worker_process_cpu_s": {name: w.cpu_s for name, w in zip(names, workers, strict=True)},
         "worker_cpu_us_per_order": sum(window_cpu) / orders * 1e6,
         "worker_cpu_us_per_handling": sum(window_cpu) / max(handled, 1) * 1e6,
     }
@@ -1145,7 +1162,7 @@ def saga_rows(run: Run) -> list[list[str]]:
             rows.append(
                 [
                     rate,
-                    "choreo saga (4 `choreo worker` processes)",
+                    SAGA_LABEL_ONE if run.opts.saga_one_process else SAGA_LABEL,
                     f"{c['ended']}/{c['orders']}",
                     f"{c['offered_per_s']:.0f}",
                     f"{c['throughput_per_s']:.0f}" + (" (saturated)" if saturated(c) else ""),
@@ -1744,6 +1761,11 @@ def parse(argv: Sequence[str]) -> Options:
         help="tcpdump each saga step (root) and report the broker's own publish->deliver time (bench/wire.py)",
     )
     parser.add_argument(
+        "--saga-one-process",
+        action="store_true",
+        help="run the choreo saga's four agents in one `choreo worker` process instead of four",
+    )
+    parser.add_argument(
         "--raw-saga",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -1790,6 +1812,7 @@ def parse(argv: Sequence[str]) -> Options:
         saga_seconds=args.saga_seconds or (8.0 if quick else 20.0),
         saga_beside=(not quick) if args.saga_beside is None else bool(args.saga_beside),
         raw_saga=bool(args.raw_saga),
+        saga_one_process=bool(args.saga_one_process),
         memory_count=args.memory_count or (n if quick else 100_000),
         quick=quick,
         output=output,
@@ -2009,7 +2032,8 @@ def saga_once(run: Run, client: str, index: int, rnd: int, prefix: str) -> str:
         entry["raw_beside"] = saga_raw_beside(run, rate, orders)
         b = entry["raw_beside"]
         return f"p50 {b['p50']:.2f} ms, p99 {b['p99']:.2f} ms (the saga beside it: hop p99 {b['saga_hop_p99']:.0f} ms)"
-    say(f"{prefix} saga: {orders:,} orders at {rate:g}/s through 4 choreo workers{of}")
+    through = "1 choreo worker running the 4 agents" if run.opts.saga_one_process else "4 choreo workers"
+    say(f"{prefix} saga: {orders:,} orders at {rate:g}/s through {through}{of}")
     data = saga_choreo(run, rate, orders, suffix=suffix)
     entry["choreo_rounds"].append(data)
     entry["choreo"] = median_round(entry["choreo_rounds"], choreo_p99)

@@ -197,3 +197,10 @@ def test_load_counts_steal_apart_from_other_processes() -> None:
     assert load["other_cores"] == pytest.approx(0.2)
     assert load["steal_cores"] == pytest.approx(0.3)
     assert "stolen by the hypervisor 0.30" in run.load_text(load)
+
+
+def test_the_saga_runs_one_worker_per_agent_unless_asked_for_one_process() -> None:
+    four = run.saga_processes(run.parse(["--no-write"]))
+    assert four == [("inventory",), ("payments",), ("shipping",), ("orders",)]
+    one = run.saga_processes(run.parse(["--saga-one-process", "--no-write"]))
+    assert one == [("inventory", "payments", "shipping", "orders")]
