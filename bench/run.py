@@ -1379,6 +1379,57 @@ def paired_rows(run: Run) -> list[list[str]]:
     return rows
 
 
+# The issue's targets: (figure, other client, at least this ratio of choreo / other).
+THROUGHPUT_TARGETS = (("consume", "raw", 1.5), ("consume", "faststream", 3.0), ("publish", "raw", 1.3))
+THROUGHPUT_TARGETS += (("publish", "faststream", 1.5),)
+HOP_TARGET = 2.0  # saga hop p99 at most this times raw aio-pika's one-hop p99 at the same rate
+IDLE_RSS_TARGET_MB = 60.0
+GROWTH_LIMIT = 0.05  # "no growth": less than 5 % of the warm RSS over the run after warm-up
+
+
+def met(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def target_rows(run: Run) -> list[list[str]]:
+    """One row per target of the benchmark issue with this run's figure: met or missed."""
+    rows = []
+    choreo = run.throughput.get("choreo")
+    for kind, other, least in THROUGHPUT_TARGETS:
+        values = paired_ratios(choreo, run.throughput.get(other), kind)
+        if values:
+            rows.append([f"{kind} ≥ {least:g}x {LABELS[other]}", paired_text(values), met(med(values) >= least)])
+    for s in run.sagas:
+        c, r = s.get("choreo"), s.get("raw")
+        if not (c and r):
+            continue
+        hop, raw = c["hop_ms"]["p99"], r["p99"]
+        context = [f"{hop:.1f} against {raw:.2f} ms"]
+        if s.get("raw_saga"):
+            context.append(f"{ratio(hop, s['raw_saga']['hop_ms']['p99'])} the raw aio-pika saga's")
+        if s.get("raw_beside"):
+            context.append(f"{ratio(hop, s['raw_beside']['p99'])} raw one-hop beside the saga")
+        rows.append(
+            [
+                f"saga hop p99 ≤ {HOP_TARGET:g}x raw aio-pika one-hop p99 at {s['rate']:g}/s",
+                f"{ratio(hop, raw)} ({'; '.join(context)})",
+                met(hop <= HOP_TARGET * raw and not saturated(c)),
+            ]
+        )
+    if run.memory:
+        m = run.memory
+        idle, warm, growth = m["idle_kb"] / 1024, m["warmed_kb"] / 1024, (m["after_kb"] - m["warmed_kb"]) / 1024
+        rows.append([f"idle worker RSS < {IDLE_RSS_TARGET_MB:g} MB", f"{idle:.1f} MB", met(idle < IDLE_RSS_TARGET_MB)])
+        rows.append(
+            [
+                f"no RSS growth over {m['messages']:,} messages (under {GROWTH_LIMIT:.0%} of the warm RSS)",
+                f"{growth:+.1f} MB",
+                met(growth < GROWTH_LIMIT * warm),
+            ]
+        )
+    return rows
+
+
 def saga_cpu_ratio(saga: dict[str, Any]) -> str:
     """Choreo's CPU per handled event over the raw aio-pika saga's: the median of the ratios of
     rounds run back to back (round 1 with round 1...), as the throughput ratios pair rounds."""
@@ -1704,6 +1755,18 @@ def write_report(run: Run, path: Path, info: dict[str, str], ratios: str) -> Non
         "```",
         "",
     ]
+    targets = target_rows(run)
+    if targets:
+        lines += [
+            "### Targets",
+            "",
+            "The benchmark issue's targets against this run (throughput ratios: medians of per-round ratios; "
+            "hop p99s: the median rounds). The Node.js ceiling has no target: its fractions are in the "
+            "ratio line.",
+            "",
+            md_table(["target", "this run", ""], targets),
+            "",
+        ]
     by_round = paired_rows(run)
     if by_round:
         lines += [

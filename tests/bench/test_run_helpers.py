@@ -204,3 +204,32 @@ def test_the_saga_runs_one_worker_per_agent_unless_asked_for_one_process() -> No
     assert four == [("inventory",), ("payments",), ("shipping",), ("orders",)]
     one = run.saga_processes(run.parse(["--saga-one-process", "--no-write"]))
     assert one == [("inventory", "payments", "shipping", "orders")]
+
+
+def test_the_targets_table_says_met_or_missed_from_the_runs_figures() -> None:
+    r = run.Run.__new__(run.Run)  # only what target_rows reads
+    r.opts = run.parse(["--repeat", "2", "--no-write"])
+    r.throughput = {
+        "choreo": run.Throughput("choreo", publish=[2.0, 2.0], consume=[30.0, 30.0], cpu_us=[1.0, 1.0], rounds=[0, 1]),
+        "raw": run.Throughput("raw", publish=[1.6, 1.6], consume=[10.0, 10.0], cpu_us=[1.0, 1.0], rounds=[0, 1]),
+        "faststream": run.Throughput("faststream", publish=[1.0], consume=[12.0], cpu_us=[1.0], rounds=[0]),
+    }
+
+    def saga(rate: float, hop: float, raw: float) -> dict[str, object]:
+        choreo = {"hop_ms": {"p99": hop}, "throughput_per_s": rate, "offered_per_s": rate, "ended": 10, "orders": 10}
+        return {"rate": rate, "choreo": choreo, "raw": {"p99": raw}, "raw_saga": {"hop_ms": {"p99": hop / 1.5}}}
+
+    r.sagas = [saga(100, 3.0, 2.0), saga(300, 7.0, 2.0)]
+    r.memory = {"idle_kb": 55 * 1024, "warmed_kb": 59 * 1024, "after_kb": 61 * 1024, "messages": 100_000}
+    status = {row[0]: (row[1], row[2]) for row in run.target_rows(r)}
+    assert status["consume ≥ 1.5x raw aio-pika, naive"] == ("3.00x", "met")
+    assert status["consume ≥ 3x FastStream, pydantic model"] == ("2.50x", "**missed**")
+    assert status["publish ≥ 1.3x raw aio-pika, naive"] == ("1.25x", "**missed**")
+    assert status["publish ≥ 1.5x FastStream, pydantic model"] == ("2.00x", "met")
+    hop100, hop300 = (status[f"saga hop p99 ≤ 2x raw aio-pika one-hop p99 at {rate}/s"] for rate in (100, 300))
+    assert hop100[1] == "met"
+    assert hop300 == ("3.50x (7.0 against 2.00 ms; 1.50x the raw aio-pika saga's)", "**missed**")
+    assert status["idle worker RSS < 60 MB"] == ("55.0 MB", "met")
+    assert status["no RSS growth over 100,000 messages (under 5% of the warm RSS)"] == ("+2.0 MB", "met")
+    r.memory["after_kb"] = 63 * 1024  # +4 MB: over 5 % of 59
+    assert [row[2] for row in run.target_rows(r) if row[0].startswith("no RSS growth")] == ["**missed**"]
