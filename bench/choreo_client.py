@@ -34,13 +34,15 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from pydantic import BaseModel
 
 import choreo
 from choreo.log import configure as configure_logs
+
+_T = TypeVar("_T")
 
 WINDOW = 500  # confirmed publishes in flight, as raw_aiopika.py
 AGENT_NAME = "consumer"
@@ -341,6 +343,30 @@ def summary_ms(values: Sequence[float]) -> dict[str, float]:
     }
 
 
+async def paced(items: Sequence[_T], rate: float, start: Callable[[_T], Awaitable[object]]) -> float:
+    """``start(item)`` for each item as a task, ``rate`` a second against an absolute schedule (so
+    sleep granularity does not lower the rate), then wait for them all; the seconds the schedule took."""
+    loop = asyncio.get_running_loop()
+    tasks: list[asyncio.Task[object]] = []
+    t0 = loop.time()
+    for i, item in enumerate(items):
+        delay = t0 + i / rate - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(start(item)))
+    sent_s = loop.time() - t0
+    await asyncio.gather(*tasks)
+    return sent_s
+
+
+async def read_taps(observer: Observer, orders: int, timeout_s: float) -> None:
+    """Once ``orders`` orders have ended (or ``timeout_s`` passed), every event off the taps."""
+    ended = await observer.wait_ended(orders, timeout_s=timeout_s)
+    await asyncio.sleep(0.5)  # stragglers (compensations racing the last terminal)
+    # After a timeout some orders never ended: read what there is, waiting for no more.
+    await observer.drain(orders=orders if ended else 0, timeout_s=timeout_s)
+
+
 async def saga(args: argparse.Namespace) -> dict[str, Any]:
     from agents.saga import SAGA_AGENTS, AuditLog, plan_orders, verify
 
@@ -348,35 +374,26 @@ async def saga(args: argparse.Namespace) -> dict[str, Any]:
     plans = plan_orders(args.orders, seed=11, run_id=f"{args.prefix}-")
     observer = Observer(args.url, settings.naming.exchange)
     await observer.start()
-    loop = asyncio.get_running_loop()
     try:
         async with choreo.Publisher(settings=settings, source="bench-shop") as publisher:
-            tasks: list[asyncio.Task[choreo.Envelope]] = []
-            t0 = loop.time()
-            for i, plan in enumerate(plans):
-                # Against an absolute schedule, so sleep granularity does not lower the rate.
-                delay = t0 + i / args.rate - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                tasks.append(asyncio.create_task(publisher.publish(plan.event)))
-            sent_s = loop.time() - t0
-            await asyncio.gather(*tasks)
-            ended = await observer.wait_ended(len(plans), timeout_s=args.timeout)
-            await asyncio.sleep(0.5)  # stragglers (compensations racing the last terminal)
-            # After a timeout some orders never ended: read what there is, waiting for no more.
-            await observer.drain(orders=len(plans) if ended else 0, timeout_s=args.timeout)
+            sent_s = await paced([p.event for p in plans], args.rate, publisher.publish)
+            await read_taps(observer, len(plans), args.timeout)
     finally:
         await observer.close()
-    report = saga_report(args, plans=plans, observer=observer, sent_s=sent_s, audit_cls=AuditLog, verify=verify)
-    # Deliveries the four agents handled: each event once per agent that subscribes to its type.
-    types = {e.type for e in observer.events.values()}
-    subscribers = {t: sum(t in a.handled_types for a in SAGA_AGENTS) for t in types}
-    report["handled_events"] = sum(subscribers[e.type] for e in observer.events.values())
-    return report
+    return saga_report(
+        args, plans=plans, observer=observer, sent_s=sent_s, audit_cls=AuditLog, verify=verify, agents=SAGA_AGENTS
+    )
 
 
 def saga_report(
-    args: argparse.Namespace, *, plans: Sequence[Any], observer: Observer, sent_s: float, audit_cls: Any, verify: Any
+    args: argparse.Namespace,
+    *,
+    plans: Sequence[Any],
+    observer: Observer,
+    sent_s: float,
+    audit_cls: Any,
+    verify: Any,
+    agents: Sequence[Any],
 ) -> dict[str, Any]:
     events = observer.events
     hops: list[float] = []
@@ -423,6 +440,8 @@ def saga_report(
         "saga_ms": summary_ms(sagas),
         "problem_count": len(problems),
         "problems": problems[:5],
+        # Deliveries the agents handled: each event once per agent that subscribes to its type.
+        "handled_events": sum(sum(e.type in a.handled_types for a in agents) for e in events.values()),
     }
 
 

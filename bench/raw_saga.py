@@ -219,7 +219,7 @@ async def relay(args: argparse.Namespace) -> None:
 
 
 async def drive(args: argparse.Namespace) -> dict[str, Any]:
-    from choreo_client import Observer, saga_report
+    from choreo_client import Observer, paced, read_taps, saga_report
 
     from agents.saga import SAGA_AGENTS, AuditLog, plan_orders, verify
 
@@ -230,32 +230,19 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:
         channel = await conn.channel(publisher_confirms=True)
         exchange = await channel.declare_exchange(args.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
         await observer.start()
-        loop = asyncio.get_running_loop()
 
         async def place(payload: Payload) -> None:
             message = aio_pika.Message(body("bench-shop", "order.placed", payload, None), delivery_mode=2)
             await exchange.publish(message, routing_key="order.placed")
 
-        tasks: list[asyncio.Task[None]] = []
-        t0 = loop.time()
-        for i, plan in enumerate(plans):
-            delay = t0 + i / args.rate - loop.time()  # an absolute schedule, as the choreo driver
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(place(plan.event.model_dump(mode="json"))))
-        sent_s = loop.time() - t0
-        await asyncio.gather(*tasks)
-        ended = await observer.wait_ended(len(plans), timeout_s=args.timeout)
-        await asyncio.sleep(0.5)  # stragglers, as the choreo driver waits for them
-        await observer.drain(orders=len(plans) if ended else 0, timeout_s=args.timeout)
+        sent_s = await paced([p.event.model_dump(mode="json") for p in plans], args.rate, place)
+        await read_taps(observer, len(plans), args.timeout)
     finally:
         await observer.close()
         await conn.close()
-    report = saga_report(args, plans=plans, observer=observer, sent_s=sent_s, audit_cls=AuditLog, verify=verify)
-    types = {e.type for e in observer.events.values()}
-    subscribers = {t: sum(t in a.handled_types for a in SAGA_AGENTS) for t in types}
-    report["handled_events"] = sum(subscribers[e.type] for e in observer.events.values())
-    return report
+    return saga_report(
+        args, plans=plans, observer=observer, sent_s=sent_s, audit_cls=AuditLog, verify=verify, agents=SAGA_AGENTS
+    )
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:

@@ -668,6 +668,7 @@ SAGA_AGENT_NAMES = ("inventory", "payments", "shipping", "orders")
 SAGA_PREFETCH = 256  # the choreo workers' and the raw relays' alike
 SAGA_LABEL = "choreo saga (4 `choreo worker` processes)"
 SAGA_LABEL_ONE = "choreo saga (the 4 agents in 1 `choreo worker` process)"
+RAW_SAGA_LABEL = "raw aio-pika saga (4 `raw_saga.py` relays on uvloop: no signing, dedup or state store)"
 LAT = re.compile(r"p50=([\d.]+)ms p99=([\d.]+)ms max=([\d.]+)ms")
 
 
@@ -1153,27 +1154,32 @@ def by_round(rounds: Sequence[dict[str, Any]], p99: Callable[[dict[str, Any]], f
     return f" ({', '.join(fmt.format(p99(r)) for r in rounds)})" if len(rounds) > 1 else ""
 
 
+def saga_row(rate: str, label: str, data: dict[str, Any], rounds: Sequence[dict[str, Any]]) -> list[str]:
+    """A saga run's row (choreo's or the raw aio-pika saga's: both are reported the same way)."""
+    hop, whole = data["hop_ms"], data["saga_ms"]
+    return [
+        rate,
+        label,
+        f"{data['ended']}/{data['orders']}",
+        f"{data['offered_per_s']:.0f}",
+        f"{data['throughput_per_s']:.0f}" + (" (saturated)" if saturated(data) else ""),
+        f"{hop['p50']:.0f}",
+        f"{hop['p99']:.0f}" + by_round(rounds, choreo_p99, "{:.0f}"),
+        f"{whole['p50']:.0f}",
+        f"{whole['p99']:.0f}",
+        f"{data['worker_cpu_us_per_order']:,.0f} per order, "
+        f"{data['worker_cpu_us_per_handling']:,.0f} per handled event",
+    ]
+
+
 def saga_rows(run: Run) -> list[list[str]]:
     rows = []
     for s in run.sagas:
         rate = f"{s['rate']:g}/s"
         c = s.get("choreo")
         if c:
-            rows.append(
-                [
-                    rate,
-                    SAGA_LABEL_ONE if run.opts.saga_one_process else SAGA_LABEL,
-                    f"{c['ended']}/{c['orders']}",
-                    f"{c['offered_per_s']:.0f}",
-                    f"{c['throughput_per_s']:.0f}" + (" (saturated)" if saturated(c) else ""),
-                    f"{c['hop_ms']['p50']:.0f}",
-                    f"{c['hop_ms']['p99']:.0f}" + by_round(s["choreo_rounds"], choreo_p99, "{:.0f}"),
-                    f"{c['saga_ms']['p50']:.0f}",
-                    f"{c['saga_ms']['p99']:.0f}",
-                    f"{c['worker_cpu_us_per_order']:,.0f} per order, "
-                    f"{c['worker_cpu_us_per_handling']:,.0f} per handled event",
-                ]
-            )
+            label = SAGA_LABEL_ONE if run.opts.saga_one_process else SAGA_LABEL
+            rows.append(saga_row(rate, label, c, s["choreo_rounds"]))
         r = s.get("raw")
         if r:
             rows.append(
@@ -1192,21 +1198,7 @@ def saga_rows(run: Run) -> list[list[str]]:
             )
         rs = s.get("raw_saga")
         if rs:
-            rows.append(
-                [
-                    rate,
-                    "raw aio-pika saga (4 `raw_saga.py` relays on uvloop: no signing, dedup or state store)",
-                    f"{rs['ended']}/{rs['orders']}",
-                    f"{rs['offered_per_s']:.0f}",
-                    f"{rs['throughput_per_s']:.0f}" + (" (saturated)" if saturated(rs) else ""),
-                    f"{rs['hop_ms']['p50']:.0f}",
-                    f"{rs['hop_ms']['p99']:.0f}" + by_round(s["raw_saga_rounds"], choreo_p99, "{:.0f}"),
-                    f"{rs['saga_ms']['p50']:.0f}",
-                    f"{rs['saga_ms']['p99']:.0f}",
-                    f"{rs['worker_cpu_us_per_order']:,.0f} per order, "
-                    f"{rs['worker_cpu_us_per_handling']:,.0f} per handled event",
-                ]
-            )
+            rows.append(saga_row(rate, RAW_SAGA_LABEL, rs, s["raw_saga_rounds"]))
         b = s.get("raw_beside")
         if b:
             rows.append(
